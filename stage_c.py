@@ -1,0 +1,329 @@
+"""Stage C: the text-conditional prior that generates Würstchen's 16×24×24 semantic latent.
+
+Paper: Würstchen (arXiv 2306.00637), Sec. 3.3 and Fig. 3. For a 1024² image, Stage C denoises a 16×24×24 latent,
+42.67× smaller per side than the image, conditioned on CLIP ViT-bigG text tokens. It is a stack of ConvNeXt-style
+residual blocks, timestep blocks and attention blocks at one resolution: there is no down-sampling.
+
+It mirrors the released `model_v3_stage_c.pt` (dome272/Wuerstchen `modules.py`, class `Prior`) and diffusers'
+`WuerstchenPrior`, parameter for parameter (993,636,896 at the `paper` preset), and loads both checkpoints.
+Deliberate choices:
+- the attention is written out with q/k/v projections (diffusers' key names); the official `nn.MultiheadAttention`
+  keys are renamed on load;
+- caption dropout for classifier-free guidance is drawn per sample (the official script drops the whole batch).
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from schedule import add_noise, p2_weight, sample_t, timestep_embedding
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageCConfig:
+    c_in: int = 16        # channels of the semantic latent (released: 16)
+    c: int = 1536         # width of every block (released: 1536)
+    c_cond: int = 1280    # width of the text tokens (released: 1280, CLIP ViT-bigG's last_hidden_state)
+    c_r: int = 64         # width of the timestep embedding (released: 64)
+    depth: int = 32       # number of [ResBlock, TimestepBlock, AttnBlock] triples (released: 32)
+    nhead: int = 24       # attention heads, head dim = c / nhead (released: 24)
+    dropout: float = 0.1  # in the residual MLPs and on the attention weights (released: 0.1)
+
+    def __post_init__(self):
+        if self.c % self.nhead:
+            raise ValueError(f"StageCConfig: c={self.c} is not divisible by nhead={self.nhead}")
+
+
+PRESETS = {
+    "paper": StageCConfig(),
+    # One consumer GPU. c_cond 384 is the width of all-MiniLM-L6-v2, the project's offline text encoder.
+    "small": StageCConfig(c=768, c_cond=384, depth=12, nhead=12),
+    # Tests and the CPU demo.
+    "tiny": StageCConfig(c=64, c_cond=384, c_r=32, depth=4, nhead=4, dropout=0.0),
+}
+
+# Stage C does not model the semantic latent z directly but (z + 1) / 42, which brings the BatchNorm'd compressor
+# output to roughly unit scale ("latent_mean 42, latent_std 1" in the released prior pipeline, which maps back
+# with × 42 − 1).
+SEMANTIC_SHIFT, SEMANTIC_SCALE = 1.0, 42.0
+
+
+def to_prior_space(semantic: torch.Tensor) -> torch.Tensor:
+    return (semantic + SEMANTIC_SHIFT) / SEMANTIC_SCALE
+
+
+def from_prior_space(x: torch.Tensor) -> torch.Tensor:
+    return x * SEMANTIC_SCALE - SEMANTIC_SHIFT
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layers. LayerNorm2d, GlobalResponseNorm, TimestepBlock and AttnBlock have identical copies in stage_b.py, so that
+# each stage file reads alone; tests/test_standalone.py keeps the copies identical.
+# ----------------------------------------------------------------------------------------------------------------
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor. Released: no affine parameters, eps 1e-6."""
+
+    def __init__(self, c: int):
+        super().__init__(c, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on a (B, H, W, C) tensor: each channel is scaled by its spatial L2 norm over the mean norm."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, c))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, c))
+
+    def forward(self, x):
+        g = torch.norm(x, p=2, dim=(1, 2), keepdim=True)                  # (B, 1, 1, C)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+class TimestepBlock(nn.Module):
+    """FiLM by the timestep embedding: x·(1 + a) + b, with (a, b) = Linear(t_emb)."""
+
+    def __init__(self, c: int, c_r: int):
+        super().__init__()
+        self.mapper = nn.Linear(c_r, c * 2)
+
+    def forward(self, x, t_emb):
+        a, b = self.mapper(t_emb)[:, :, None, None].chunk(2, dim=1)      # 2 × (B, C, 1, 1)
+        return x * (1 + a) + b
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biased q/k/v/out projections (diffusers' key names: to_q, to_k, to_v, to_out.0)."""
+
+    def __init__(self, c: int, nhead: int, dropout: float):
+        super().__init__()
+        self.nhead, self.dropout = nhead, dropout
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.Sequential(nn.Linear(c, c))
+
+    def forward(self, x, kv):
+        B, L, C = x.shape
+
+        def heads(z):                                                     # (B, S, C) → (B, nhead, S, C/nhead)
+            return z.view(B, -1, self.nhead, C // self.nhead).transpose(1, 2)
+
+        # Dropout on the attention weights, as the released model's nn.MultiheadAttention had in training.
+        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(kv)), heads(self.to_v(kv)),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.to_out(out.transpose(1, 2).reshape(B, L, C))
+
+
+class AttnBlock(nn.Module):
+    """Image tokens attend to themselves and to the conditioning tokens: keys and values are [image, cond]."""
+
+    def __init__(self, c: int, c_cond: int, nhead: int, dropout: float):
+        super().__init__()
+        self.norm = LayerNorm2d(c)
+        self.attention = Attention(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def forward(self, x, cond):
+        B, C, H, W = x.shape
+        n = self.norm(x).view(B, C, H * W).transpose(1, 2)               # (B, HW, C)
+        kv = torch.cat([n, self.kv_mapper(cond)], dim=1)                  # (B, HW + L, C)
+        return x + self.attention(n, kv).transpose(1, 2).reshape(B, C, H, W)
+
+
+class ResBlock(nn.Module):
+    """ConvNeXt-V2 block: depthwise 3×3 conv → LN → MLP(4×) with GELU and GRN → residual."""
+
+    def __init__(self, c: int, dropout: float):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
+        self.norm = LayerNorm2d(c)
+        self.channelwise = nn.Sequential(
+            nn.Linear(c, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c))
+
+    def forward(self, x):
+        h = self.norm(self.depthwise(x)).permute(0, 2, 3, 1)             # (B, H, W, C)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prior
+# ----------------------------------------------------------------------------------------------------------------
+class Prior(nn.Module):
+    """ε-prediction network on the (B, 16, h, w) prior-space latent, conditioned on (B, L, c_cond) text tokens."""
+
+    def __init__(self, config: StageCConfig = PRESETS["paper"]):
+        super().__init__()
+        self.config = cfg = config
+        self.projection = nn.Conv2d(cfg.c_in, cfg.c, kernel_size=1)
+        # Token-wise text mapper; "cond_mapper" is its released name.
+        self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, cfg.c), nn.LeakyReLU(0.2), nn.Linear(cfg.c, cfg.c))
+        self.blocks = nn.ModuleList()
+        for _ in range(cfg.depth):
+            self.blocks.append(ResBlock(cfg.c, cfg.dropout))
+            self.blocks.append(TimestepBlock(cfg.c, cfg.c_r))
+            self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, cfg.dropout))
+        # The head ("out" in the release) predicts (a, b) with 16 channels each.
+        self.out = nn.Sequential(LayerNorm2d(cfg.c), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():                                          # xavier weights, zero biases
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.projection.weight, std=0.02)                 # input projection
+        for layer in (self.cond_mapper[0], self.cond_mapper[2]):          # text mapper
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.out[1].weight)                                # head: starts at ε̂ = x_t
+        for block in self.blocks:
+            if isinstance(block, ResBlock):                               # residual branches start small
+                block.channelwise[-1].weight.data *= math.sqrt(1 / self.config.depth)
+            elif isinstance(block, TimestepBlock):                        # FiLM starts as the identity
+                nn.init.zeros_(block.mapper.weight)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x: (B, 16, h, w) noised latent, t: (B,) in [0, 1], text: (B, L, c_cond). Returns ε̂: (B, 16, h, w)."""
+        t_emb = timestep_embedding(t, self.config.c_r)                   # (B, c_r)
+        cond = self.cond_mapper(text)                                     # (B, L, c)
+        h = self.projection(x)                                            # (B, c, h, w)
+        for block in self.blocks:
+            if isinstance(block, AttnBlock):
+                h = block(h, cond)
+            elif isinstance(block, TimestepBlock):
+                h = block(h, t_emb)
+            else:
+                h = block(h)
+        a, b = self.out(h).chunk(2, dim=1)                                # 2 × (B, 16, h, w)
+        # The released head: x_t ≈ a + |1 − b|·ε, so ε̂ = (x_t − a)/|1 − b|. It is x0-like (a is a denoised guess),
+        # which learns far faster than a plain ε head at small scale. 1e-5 keeps the division finite.
+        return (x - a) / ((1 - b).abs() + 1e-5)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+    def loss(self, semantic: torch.Tensor, text: torch.Tensor, text_uncond: torch.Tensor,
+             caption_dropout: float = 0.05, generator: torch.Generator | None = None):
+        """P2-weighted ε-MSE on one batch. Returns (loss, parts).
+
+        semantic: (B, 16, h, w) raw semantic latent from the frozen compressor; text: (B, L, c_cond) caption tokens;
+        text_uncond: (1 or B, L, c_cond) tokens of the empty caption, used for the dropped captions so that
+        classifier-free guidance works at sampling time.
+        """
+        B, device = semantic.shape[0], semantic.device
+        x0 = to_prior_space(semantic)
+        drop = torch.rand(B, generator=generator, device=device) < caption_dropout
+        text = torch.where(drop[:, None, None], text_uncond.expand_as(text), text)
+        t = sample_t(B, generator=generator, device=device)
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        eps = self(add_noise(x0, noise, t), t, text)
+        mse = ((eps.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))   # (B,)
+        loss = (mse * p2_weight(t)).mean()
+        return loss, {"mse": mse.mean().detach(), "caption_dropped": drop.float().mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading published weights
+# ----------------------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the model. The message is one line."""
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """A state dict from a .safetensors file or a .pt read with weights_only=True (no code can run)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file or folder")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: cannot be read safely ({reason})") from None
+
+
+def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
+    """(config.json, state dict) of a diffusers model folder, single-file or sharded safetensors."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"checkpoint folder {folder}: expected config.json and safetensors weights")
+    config = json.loads(config_file.read_text())
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        [p.name for p in folder.glob("*.safetensors")]
+    if not files:
+        raise CheckpointError(f"checkpoint folder {folder}: no .safetensors weights next to config.json")
+    state = {}
+    for name in files:
+        state.update(_read_checkpoint(folder / name))
+    return config, state
+
+
+# A key only one stage has, to name the stage a mismatched checkpoint belongs to.
+_STAGE_MARKERS = {"vquantizer.": "Stage A (VQGAN)", "effnet_mappers.": "Stage B (decoder)",
+                  "backbone.": "the semantic compressor", "cond_mapper.": "Stage C (prior)"}
+
+
+def _load_strict(model: nn.Module, state: dict, what: str, source: Path):
+    """load_state_dict that fails with one line naming missing/unexpected keys or the first shape mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        found = {name for marker, name in _STAGE_MARKERS.items() if any(k.startswith(marker) for k in state)}
+        hint = f" (it looks like {', '.join(sorted(found))})" if found and what not in found else ""
+        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
+                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else "",
+                 f"{len(wrong)} shape mismatches, e.g. {wrong[0]}" if wrong else ""]
+        raise CheckpointError(f"checkpoint {source} does not fit {what}{hint}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=True)
+
+
+def official_to_diffusers(state: dict) -> dict:
+    """Rename the official checkpoint's nn.MultiheadAttention keys to our q/k/v projections (released renames)."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith("attention.attn.in_proj_weight") or k.endswith("attention.attn.in_proj_bias"):
+            prefix, kind = k.rsplit(".attn.in_proj_", 1)                  # kind: "weight" or "bias"
+            for name, chunk in zip(("to_q", "to_k", "to_v"), v.chunk(3, dim=0)):  # 3c rows → 3 × c
+                out[f"{prefix}.{name}.{kind}"] = chunk
+        elif ".attention.attn.out_proj." in k:
+            out[k.replace(".attention.attn.out_proj.", ".attention.to_out.0.")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def load_pretrained(path, device="cpu") -> Prior:
+    """The released prior, from `model_v3_stage_c.pt` (its `ema_state_dict`) or a diffusers `prior/` folder.
+
+    The load is strict: a truncated, mismatched or other-stage checkpoint raises CheckpointError naming the keys.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raw, state = _read_diffusers_folder(path)
+        names = {f.name for f in fields(StageCConfig)}
+        config = StageCConfig(**{k: v for k, v in raw.items() if k in names})
+    else:
+        ckpt = _read_checkpoint(path)
+        if "ema_state_dict" not in ckpt and "state_dict" not in ckpt:
+            raise CheckpointError(f"checkpoint {path}: expected an 'ema_state_dict' (model_v3_stage_c.pt), "
+                                  f"found keys {sorted(ckpt)[:5]}")
+        state = ckpt.get("ema_state_dict", ckpt.get("state_dict"))
+        config = PRESETS["paper"]
+    model = Prior(config)
+    _load_strict(model, official_to_diffusers(state), "Stage C (prior)", path)
+    return model.to(device).eval()
