@@ -69,6 +69,9 @@ class StageBConfig:
     effnet_width: int = 1280                        # final 1×1 conv channels (EfficientNetV2-S: 1280)
     effnet_resize: float = 0.75                     # the compressor sees a 0.75× copy (1024² → 768² → 24²)
     effnet_drop_path: float = 0.2                   # stochastic depth, rising linearly to this (torchvision: 0.2)
+    # --- sizes at sampling time (released pipelines) ---
+    resolution_multiple: float = 42.67              # image side / semantic side: 1024 / 24, rounded as released
+    latent_dim_scale: float = 10.67                 # Stage A latent side / semantic side: 256 / 24, as released
 
     def __post_init__(self):
         n = len(self.c_hidden)
@@ -98,7 +101,7 @@ PRESETS = {
     "tiny": StageBConfig(c_r=32, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
                          attention=(False, True, True), inject_semantic=(False, True, True), c_cond=64, c_text=384,
                          dropout=0.0, effnet_stem=16, effnet_stages=EFFNET_TINY, effnet_width=128,
-                         effnet_resize=1.0, effnet_drop_path=0.0),
+                         effnet_resize=1.0, effnet_drop_path=0.0, resolution_multiple=16.0, latent_dim_scale=4.0),
 }
 
 
@@ -458,7 +461,8 @@ def _read_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely ({reason})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
+                              f"weights file ({reason})") from None
 
 
 def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:

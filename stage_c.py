@@ -250,7 +250,8 @@ def _read_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely ({reason})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
+                              f"weights file ({reason})") from None
 
 
 def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
