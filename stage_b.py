@@ -197,7 +197,8 @@ class ResBlockStageB(nn.Module):
         h = self.norm(self.depthwise(x))
         if extra is not None:
             h = torch.cat([h, extra], dim=1)                              # (B, C + c_extra, H, W)
-        return x + self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # branch + x: the released order, which fixes the sum's memory layout and so the rounding downstream.
+        return self.channelwise(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -152,7 +152,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x):
         h = self.norm(self.depthwise(x)).permute(0, 2, 3, 1)             # (B, H, W, C)
-        return x + self.channelwise(h).permute(0, 3, 1, 2)
+        # branch + x, not x + branch: the sum takes the first operand's memory layout, and the released order keeps
+        # the branch's, so every later kernel rounds exactly as in the released model.
+        return self.channelwise(h).permute(0, 3, 1, 2) + x
 
 
 # ----------------------------------------------------------------------------------------------------------------
