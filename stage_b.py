@@ -526,7 +526,8 @@ def config_from_diffusers(raw: dict) -> StageBConfig:
         if level not in ("CT", "CTA"):
             raise CheckpointError(f"level_config entry {level!r}: only 'CT' and 'CTA' levels exist in DiffNeXt")
     if raw.get("c_in", 4) != raw.get("c_out", 4):
-        raise CheckpointError(f"c_in {raw['c_in']} != c_out {raw['c_out']}: Stage B denoises its own input")
+        raise CheckpointError(f"c_in {raw.get('c_in', 4)} != c_out {raw.get('c_out', 4)}: Stage B denoises its own "
+                              f"input")
     names = {f.name for f in fields(StageBConfig)} - {"nhead"}
     kept = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
     if isinstance(kept.get("dropout"), tuple):                            # a per-level list in some configs
