@@ -1,28 +1,70 @@
 """Text → image with the three stages: Stage C → Stage B → Stage A (Würstchen, arXiv 2306.00637, Fig. 2).
 
+    python sample.py "a small red circle at the top left" --run runs/tiny
+    python sample.py "an astronaut" --stage-c wuerstchen-prior/prior --stage-b wuerstchen/decoder \\
+        --stage-a wuerstchen/vqgan --text-encoder-c wuerstchen-prior --text-encoder-b wuerstchen --size 1024
+
 1. Stage C denoises a 16×(H/42.67)×(W/42.67) latent from the caption (CLIP ViT-bigG tokens for the release),
    which maps back to the semantic latent with × 42 − 1.
 2. Stage B denoises Stage A's 4×(H/4)×(W/4) latent, given that semantic latent and the caption (CLIP ViT-H).
 3. Stage A decodes the latent to pixels, clamped to [0, 1].
 
 `generate` follows the released diffusers pipelines step for step, random draws included, so that the same seed
-gives the same image as `WuerstchenCombinedPipeline` (tests/test_pipeline_parity.py).
+gives the same image as `WuerstchenCombinedPipeline` (tests/test_pipeline_parity.py). Checkpoints are those that
+train.py writes (EMA weights by default) or the published ones (official .pt or diffusers folders).
 """
+import argparse
 import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps, sample
+import stage_a
+import stage_b
+import stage_c
+from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, check_timesteps, linear_timesteps, sample
 from stage_c import from_prior_space
 
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
 
-def encode_text(tokenizer, text_encoder, prompts: list[str], device=None) -> torch.Tensor:
-    """Token-level last hidden states (B, L, C), padded to the tokenizer's max length, with the attention mask:
-    what the released Würstchen reads from CLIP (not pooled, not the penultimate layer)."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                       return_tensors="pt")
-    out = text_encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))
-    return out.last_hidden_state
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: train.py checkpoints or published weights
+# ----------------------------------------------------------------------------------------------------------------
+def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
+    """Stage A → StageA, B → StageB (compressor + decoder), C → Prior, in eval mode.
+
+    A train.py checkpoint (it records its stage and config) gives its EMA weights by default; anything else goes to
+    the stage's `load_pretrained`, which reads the official .pt files and diffusers folders.
+    """
+    module, path = STAGES[stage], Path(path)
+    if path.is_file() and path.suffix == ".pt":
+        ckpt = module._read_checkpoint(path)
+        if "stage" in ckpt and "config" in ckpt:                          # written by train.py
+            if ckpt["stage"] != stage:
+                raise module.CheckpointError(f"checkpoint {path} is a stage {ckpt['stage'].upper()} checkpoint; "
+                                             f"expected stage {stage.upper()}")
+            config = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
+            model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config(**ckpt["config"]))
+            module._load_strict(model, ckpt[weights], f"stage {stage.upper()} ({weights} weights)", path)
+            model.text_encoder_spec = (ckpt.get("text_encoder"), ckpt.get("text_length"))
+            model.train_side = ckpt.get("train", {}).get("image_size")
+            return model.to(device).eval()
+    return module.load_pretrained(path, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+def encode_prompts(encoder, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(caption tokens, empty-caption tokens), both (B, L, C): the conditional and unconditional inputs.
+    encoder: a text.TextEncoder (token-level last hidden states with the attention mask, as Würstchen reads CLIP)."""
+    return encoder.encode(prompts, device), encoder.encode([""] * len(prompts), device)
 
 
 def latent_sizes(height: int, width: int, stage_b_config) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -33,26 +75,182 @@ def latent_sizes(height: int, width: int, stage_b_config) -> tuple[tuple[int, in
     return c, b
 
 
+def valid_side(side: int, stage_b_config) -> int:
+    """The smallest image side ≥ `side` that the decoder can make: its latent side, 4 × smaller, must divide into
+    the decoder's levels (the paper preset: multiples of 128 px; 1100 crashes the released pipeline)."""
+    while True:
+        _, (b, _) = latent_sizes(side, side, stage_b_config)
+        if b % stage_b_config.latent_multiple == 0:
+            return b * 4                                                  # ≥ side: 4 × 10.67 × ceil(side / 42.67)
+        side += 1
+
+
+def _synced_time(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @torch.inference_mode()
 def generate(prior, decoder, vqgan, text_c, text_c_uncond, text_b, text_b_uncond, height: int, width: int,
              prior_timesteps=STAGE_C_TIMESTEPS, decoder_timesteps=None, prior_guidance: float = 4.0,
              decoder_guidance: float = 0.0, generator: torch.Generator | None = None, device=None,
-             dtype=torch.float32) -> torch.Tensor:
-    """Images (B, 3, H, W) in [0, 1] from encoded captions.
+             dtype=torch.float32, timings: dict | None = None) -> torch.Tensor:
+    """Images (B, 3, H', W') in [0, 1] from encoded captions; H', W' as the latent sizes give them.
 
     prior: Stage C `Prior`; decoder: Stage B `DiffNeXt`; vqgan: `StageA`. text_c / text_b: (B, L, C) caption tokens
     for Stage C / Stage B, and *_uncond the empty caption's tokens, (B, L, C). Guidance is on for w > 1 (released
-    defaults: 4.0 for the prior, off for the decoder).
+    defaults: 4.0 for the prior, off for the decoder). `timings`, if given, receives seconds per stage.
     """
     B = text_c.shape[0]
     (hc, wc), (hb, wb) = latent_sizes(height, width, decoder.config)
+    t0 = _synced_time(device or "cpu")
     x = sample(prior, (B, prior.config.c_in, hc, wc), cond={"text": text_c}, uncond={"text": text_c_uncond},
                guidance=prior_guidance, timesteps=prior_timesteps, generator=generator, device=device, dtype=dtype)
-    semantic = from_prior_space(x)                                        # (B, 16, hc, wc)
+    semantic = from_prior_space(x.float())                                # (B, 16, hc, wc)
+    t1 = _synced_time(device or "cpu")
     # Stage B's unconditional inputs are a zero semantic latent and the empty caption.
     latents = sample(decoder, (B, decoder.config.c_in, hb, wb), cond={"semantic": semantic, "text": text_b},
                      uncond={"semantic": torch.zeros_like(semantic), "text": text_b_uncond},
                      guidance=decoder_guidance,
                      timesteps=linear_timesteps(STAGE_B_STEPS) if decoder_timesteps is None else decoder_timesteps,
                      generator=generator, device=device, dtype=dtype)
-    return vqgan.decode(latents).clamp(0, 1)
+    t2 = _synced_time(device or "cpu")
+    images = vqgan.decode(latents.float()).float().clamp(0, 1)
+    t3 = _synced_time(device or "cpu")
+    if timings is not None:
+        timings.update({"stage C": t1 - t0, "stage B": t2 - t1, "stage A": t3 - t2})
+    return images
+
+
+def save_grid(rows: list[torch.Tensor], path, pad: int = 2):
+    """Rows of (N, 3, H, W) images in [0, 1] as one PNG, white-padded."""
+    n, (h, w) = max(r.shape[0] for r in rows), rows[0].shape[-2:]
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        pixels = (row.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        for j, img in enumerate(pixels):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y:y + h, x:x + w] = img
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+def timestep_list(text: str):
+    try:
+        return check_timesteps([float(x) for x in text.split(",")])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
+
+
+def guidance_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number ≥ 0") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a guidance scale ≥ 0 (it is on for values > 1)")
+    return value
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Text → image with Würstchen's three stages.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("prompts", nargs="*", help="captions to draw")
+    p.add_argument("--demo-prompts", action="store_true", help="also draw the fixed demo prompts (data.DEMO_PROMPTS)")
+    p.add_argument("--run", default="runs/tiny", help="folder with train.py's stage_a/b/c.pt")
+    p.add_argument("--stage-a", help="Stage A checkpoint: train.py .pt, vqgan_f4_v1_500k.pt or a diffusers vqgan/")
+    p.add_argument("--stage-b", help="Stage B checkpoint: train.py .pt, model_v2_stage_b.pt or a diffusers decoder/")
+    p.add_argument("--stage-c", help="Stage C checkpoint: train.py .pt, model_v3_stage_c.pt or a diffusers prior/")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of train.py checkpoints")
+    p.add_argument("--text-encoder-c", help="Stage C's text encoder: 'minilm' or a local CLIP folder "
+                                            "(default: what the checkpoint was trained with)")
+    p.add_argument("--text-encoder-b", help="Stage B's text encoder, likewise")
+    p.add_argument("--seed", type=int, default=0, help="same seed and flags → same images")
+    p.add_argument("--prior-steps", type=positive_int, help="linear Stage C steps (default: the released 29-call list)")
+    p.add_argument("--prior-timesteps", type=timestep_list, help="explicit Stage C list, e.g. 1,0.8,0.5,0")
+    p.add_argument("--decoder-steps", type=positive_int, default=STAGE_B_STEPS, help="linear Stage B steps")
+    p.add_argument("--decoder-timesteps", type=timestep_list, help="explicit Stage B list")
+    p.add_argument("--prior-guidance", type=guidance_value, default=4.0, help="Stage C guidance (on for > 1)")
+    p.add_argument("--decoder-guidance", type=guidance_value, default=0.0, help="Stage B guidance (on for > 1)")
+    p.add_argument("--size", type=positive_int, help="image side (default: the size Stage C was trained at)")
+    p.add_argument("--batch", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on a capable GPU, fp32 on CPU (fp16 overflows in this model family)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
+    args = p.parse_args(argv)
+    if args.prior_steps and args.prior_timesteps is not None:
+        p.error("give --prior-steps or --prior-timesteps, not both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data import DEMO_PROMPTS
+    from text import TextEncoder
+    prompts = (list(DEMO_PROMPTS) if args.demo_prompts else []) + [p.strip() for p in args.prompts]
+    if not prompts:
+        raise SystemExit("error: no prompt given; pass one or more captions, or --demo-prompts")
+    if any(not p for p in prompts):
+        raise SystemExit("error: an empty prompt was given; expected a caption with some text")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
+                                            and torch.cuda.is_bf16_supported())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    run = Path(args.run)
+    paths = {s: getattr(args, f"stage_{s}") or run / f"stage_{s}.pt" for s in "abc"}
+    try:
+        vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+    def text_encoder(flag, model):
+        spec, length = getattr(model, "text_encoder_spec", (None, None))
+        spec = flag or spec
+        if spec is None:
+            raise SystemExit("error: published weights need their CLIP text encoders: pass --text-encoder-c and "
+                             "--text-encoder-b (local folders)")
+        return TextEncoder.from_name_or_path(spec, **({"max_length": length} if length else {})).to(device)
+
+    enc_c = text_encoder(args.text_encoder_c, prior)
+    enc_b = text_encoder(args.text_encoder_b, stage_b_model)
+    side = args.size or getattr(prior, "train_side", None) or 1024      # published weights: 1024²
+    made = valid_side(side, stage_b_model.decoder.config)
+    if made != side:
+        print(f"note: size {side} is not one the decoder can make; using {made} (the next valid size)")
+    prior_ts = args.prior_timesteps if args.prior_timesteps is not None else \
+        (linear_timesteps(args.prior_steps) if args.prior_steps else STAGE_C_TIMESTEPS)
+    decoder_ts = args.decoder_timesteps if args.decoder_timesteps is not None else linear_timesteps(args.decoder_steps)
+
+    all_prompts = [p for p in prompts for _ in range(args.batch)]
+    with torch.inference_mode(), autocast:
+        text_c, text_c_uncond = encode_prompts(enc_c, all_prompts, device)
+        text_b, text_b_uncond = encode_prompts(enc_b, all_prompts, device)
+        timings = {}
+        images = generate(prior, stage_b_model.decoder, vqgan, text_c, text_c_uncond, text_b, text_b_uncond, made,
+                          made, prior_timesteps=prior_ts, decoder_timesteps=decoder_ts,
+                          prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                          generator=torch.Generator(device).manual_seed(args.seed), device=device, timings=timings)
+    out = Path(args.out) if args.out else run / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, prompt) in enumerate(zip(images, all_prompts)):
+        name = "".join(c if c.isalnum() else "_" for c in prompt.lower())[:60].strip("_")
+        save_grid([img[None]], out / f"{i:03d}_{name}.png", pad=0)
+    rows = [images[i:i + 8] for i in range(0, len(images), 8)]
+    save_grid(rows, out / "grid.png")
+    print(" · ".join(f"{k}: {v:.2f} s" for k, v in timings.items()) + f" · {len(images)} images of {made}×{made}")
+    print(f"grid: {out / 'grid.png'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -31,6 +31,7 @@ import stage_a  # noqa: E402
 import stage_b  # noqa: E402
 import stage_c  # noqa: E402
 from conftest import randomize  # noqa: E402
+from text import TextEncoder  # noqa: E402
 
 SIZE = 128
 ATOL = 1e-4
@@ -84,20 +85,21 @@ def parts(tmp_path_factory):
         prior_scheduler=DDPMWuerstchenScheduler())
     pipe.set_progress_bar_config(disable=True)
 
-    # --- ours, through our loaders from diffusers-format folders ---
+    # --- ours, through our loaders from diffusers-format folders (text towers as text_encoder/ + tokenizer/) ---
     for name, module in (("prior", prior), ("decoder", decoder), ("vqgan", vqgan)):
         module.save_pretrained(tmp / name)
+    for name, encoder in (("clip_c", text_c), ("clip_b", text_b)):
+        encoder.save_pretrained(tmp / name / "text_encoder")
+        tokenizer.save_pretrained(tmp / name / "tokenizer")
     ours = dict(prior=stage_c.load_pretrained(tmp / "prior"), decoder=stage_b.load_pretrained(tmp / "decoder").decoder,
-                vqgan=stage_a.load_pretrained(tmp / "vqgan"))
-    return dict(pipe=pipe, tokenizer=tokenizer, text_b=text_b, text_c=text_c, **ours)
+                vqgan=stage_a.load_pretrained(tmp / "vqgan"), clip_c=TextEncoder.clip(tmp / "clip_c"),
+                clip_b=TextEncoder.clip(tmp / "clip_b"))
+    return dict(pipe=pipe, **ours)
 
 
 def _ours(parts, prompt, n, seed, prior_timesteps, decoder_timesteps, prior_guidance, decoder_guidance):
-    tok = parts["tokenizer"]
-    text_c = sample.encode_text(tok, parts["text_c"], [prompt]).repeat_interleave(n, dim=0)
-    text_c_uncond = sample.encode_text(tok, parts["text_c"], [""] * n)
-    text_b = sample.encode_text(tok, parts["text_b"], [prompt]).repeat_interleave(n, dim=0)
-    text_b_uncond = sample.encode_text(tok, parts["text_b"], [""] * n)
+    text_c, text_c_uncond = sample.encode_prompts(parts["clip_c"], [prompt] * n)
+    text_b, text_b_uncond = sample.encode_prompts(parts["clip_b"], [prompt] * n)
     return sample.generate(parts["prior"], parts["decoder"], parts["vqgan"], text_c, text_c_uncond, text_b,
                            text_b_uncond, height=SIZE, width=SIZE, prior_timesteps=prior_timesteps,
                            decoder_timesteps=decoder_timesteps, prior_guidance=prior_guidance,
