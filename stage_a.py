@@ -90,6 +90,16 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(codebook_size, c)
         nn.init.uniform_(self.embedding.weight, -1 / codebook_size, 1 / codebook_size)
 
+    @torch.no_grad()
+    def init_from(self, z: torch.Tensor, generator: torch.Generator | None = None):
+        """Set the codebook to randomly chosen encoder outputs z: (B, C, H, W). Not in the release: from the
+        released ±1/K initialisation a small codebook collapses (9 of 1,024 codes in 250 steps at the tiny preset),
+        and Würstchen v2 decodes *un-quantized* latents, so the decoder must not learn from a handful of codes."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])              # (BHW, C)
+        n, k = flat.shape[0], self.embedding.num_embeddings
+        picks = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+        self.embedding.weight.copy_(flat[picks.to(flat.device)])
+
     def forward(self, z: torch.Tensor):
         """z: (B, C, H, W) → (z_q with straight-through gradient, VQ loss, indices (B, H, W))."""
         B, C, H, W = z.shape

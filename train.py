@@ -1,0 +1,554 @@
+"""Train one Würstchen stage: `python train.py --stage {a,b,c} --preset tiny --out runs/tiny`.
+
+The order is A → B → C, as in the paper (Sec. 4): Stage B trains on the frozen Stage A's latents and learns its
+semantic compressor jointly; Stage C trains on the semantic latents of Stage B's frozen compressor.
+
+- Every field of the stage's config (stage_x.py) and of the training config below is a flag (`--depth 6`,
+  `--c-hidden 32,64,64`, `--lr 3e-4`); the preset gives the defaults.
+- Precision: bf16 autocast on a CUDA device that supports it, fp16 only with `--precision fp16` (with a
+  GradScaler; this model family is known to overflow in fp16), fp32 on CPU. TF32 is on.
+- AdamW with linear warm-up, gradient accumulation and clipping, the released EMA scheme, a tqdm bar, a JSONL log,
+  an image grid every N steps, and atomic checkpoints holding everything `--resume` needs to continue exactly.
+- Under `torchrun` it runs DDP (detected from the environment); otherwise on one device.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import stage_a
+import stage_b
+import stage_c
+from data import DEMO_PROMPTS, ImageFolderDataset, ShapesDataset
+from sample import encode_prompts, generate, load_stage, save_grid
+from schedule import linear_timesteps, sample
+from text import TextEncoder
+
+STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training config and presets
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000            # optimizer steps
+    batch_size: int = 32         # images per device per micro-batch
+    grad_accum: int = 1          # micro-batches per optimizer step
+    lr: float = 1e-4             # AdamW learning rate after warm-up (official: 1e-4)
+    warmup: int = 100            # linear warm-up steps (official: 10,000)
+    weight_decay: float = 0.01   # AdamW's default
+    grad_clip: float = 1.0       # max gradient norm (official: 1.0)
+    ema_start: int = 100         # before this step the EMA is a copy of the model (official: 5,000)
+    ema_every: int = 1           # then every this many steps ... (official: 100)
+    ema_beta: float = 0.99       # ... ema = beta·ema + (1 − beta)·model (official: 0.9)
+    image_size: int = 64         # training images are this square size
+    log_every: int = 25          # JSONL log interval (steps)
+    sample_every: int = 500      # image grid interval (steps); a grid is also written at the end
+    save_every: int = 250        # checkpoint interval (steps); a checkpoint is also written at the end
+    caption_dropout: float = 0.05  # captions replaced by "" so that classifier-free guidance works (official 5%)
+    semantic_dropout: float = 0.05  # Stage B: semantic latents replaced by zeros, for the same reason
+    max_bad_steps: int = 20      # stop after this many non-finite losses in a row
+    dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
+    cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
+
+
+OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
+TRAIN_PRESETS = {
+    # The CPU demo: minutes per stage on 2 cores, 64² shapes.
+    "tiny": {"a": TrainConfig(steps=600, batch_size=16, lr=2e-3, warmup=50, ema_start=300),
+             "b": TrainConfig(steps=1500, batch_size=32, lr=1e-3, warmup=100, ema_start=500, dataset_size=8192,
+                              cache_frozen=True),
+             "c": TrainConfig(steps=2500, batch_size=64, lr=1e-3, warmup=100, ema_start=500, dataset_size=8192,
+                              cache_frozen=True)},
+    # One consumer GPU, 256² images.
+    "small": {s: TrainConfig(steps=50_000, batch_size=32, lr=3e-4, warmup=1000, ema_start=2000, ema_every=10,
+                             ema_beta=0.99, image_size=256, log_every=100, sample_every=2000, save_every=2000)
+              for s in "abc"},
+    # The released recipe (Stage C: 918k steps at batch 1280 for v2, at 1024²).
+    "paper": {s: TrainConfig(steps=918_000, batch_size=8, image_size=1024, log_every=100, sample_every=5000,
+                             save_every=5000, **OFFICIAL) for s in "abc"},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: fixed flags, then one flag per config field, generated from the dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+def parse_value(text: str, default):
+    """A flag's text as the type of the field's default: ints, floats, bools, and tuples ("32,64,64" or JSON)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(default, tuple):
+        if text.strip().startswith("["):
+            def tuples(v):
+                return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+            return tuples(json.loads(text))
+        kind = type(default[0]) if default else int
+        return tuple(parse_value(x, kind()) if kind is not bool else parse_value(x, False) for x in text.split(","))
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a {type(default).__name__}") from None
+
+
+def field_flags(parser, group_name: str, config) -> dict:
+    """One --flag per dataclass field; returns {dest: field name}."""
+    group, dests = parser.add_argument_group(group_name), {}
+    for f in dataclasses.fields(config):
+        default = getattr(config, f.name)
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"field_{f.name}", default=None, metavar="V",
+                           type=lambda s, d=default: parse_value(s, d), help=f"(preset: {default})")
+        dests[f"field_{f.name}"] = f.name
+    return dests
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
+    p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",
+                   help="model and training defaults (tiny: CPU demo, small: one GPU, paper: released)")
+    p.add_argument("--out", default="runs/tiny", help="folder for checkpoints, logs and grids")
+    p.add_argument("--data", default="shapes",
+                   help="'shapes' (built-in captioned shapes) or a folder of images with captions\n"
+                        "(a .txt per image or a metadata.jsonl with file_name/text)")
+    p.add_argument("--stage-a", default=None, help="Stage A checkpoint (stages b, c; default OUT/stage_a.pt)")
+    p.add_argument("--stage-b", default=None, help="Stage B checkpoint (stage c; default OUT/stage_b.pt)")
+    p.add_argument("--text-encoder", default="minilm",
+                   help="'minilm' (offline all-MiniLM-L6-v2) or a local CLIP folder (stages b, c)")
+    p.add_argument("--text-length", type=int, default=32, help="text tokens per caption (CLIP uses 77)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/stage_X.pt exactly where it stopped")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and noise")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 autocast on a capable GPU, fp32 on CPU; fp16 needs asking for")
+    p.add_argument("--no-adversarial", action="store_true", help="stage a: never switch on the GAN term")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to the JSONL file)")
+    known, _ = p.parse_known_args(argv)
+    model_defaults = STAGES[known.stage].PRESETS[known.preset]
+    train_defaults = TRAIN_PRESETS[known.preset][known.stage]
+    model_dests = field_flags(p, f"Stage {known.stage.upper()} model (stage_{known.stage}.py)", model_defaults)
+    train_dests = field_flags(p, "training", train_defaults)
+    args = p.parse_args(argv)
+    overrides = lambda dests: {name: getattr(args, d) for d, name in dests.items() if getattr(args, d) is not None}
+    try:
+        model_cfg = dataclasses.replace(model_defaults, **overrides(model_dests))
+        train_cfg = dataclasses.replace(train_defaults, **overrides(train_dests))
+    except (ValueError, TypeError) as e:
+        p.error(str(e))
+    for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every", "sample_every", "save_every"):
+        if getattr(train_cfg, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} {getattr(train_cfg, name)}: expected a positive integer")
+    return args, model_cfg, train_cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small pieces: device and precision, distributed set-up, data, EMA, learning rate, atomic saving
+# ----------------------------------------------------------------------------------------------------------------
+def setup_distributed():
+    """(rank, world size, local rank); DDP only when launched by torchrun, which sets these variables."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, local
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """One autocast context for the whole run; bf16 on CPU would be 20–30× slower (no native bf16), so fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return precision, nullcontext()
+    return precision, torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class Batches:
+    """Batch i is a fixed function of (seed, i, rank): a resumed run sees exactly the data it would have seen.
+    Returns (images (B, 3, S, S) in [0, 1], captions, dataset indices)."""
+
+    def __init__(self, args, cfg: TrainConfig, rank: int, world: int):
+        self.rank, self.world, self.batch_size = rank, world, cfg.batch_size
+        if args.data == "shapes":
+            endless = cfg.dataset_size == 0                               # then every batch is new images
+            self.dataset = ShapesDataset(length=2 ** 62 if endless else cfg.dataset_size, size=cfg.image_size,
+                                         seed=args.seed)
+        else:
+            self.dataset = ImageFolderDataset(args.data, size=cfg.image_size)
+        self.finite = args.data != "shapes" or cfg.dataset_size > 0
+        self.perms, self.seed = {}, args.seed
+
+    def index(self, i: int) -> int:
+        if not self.finite:
+            return i
+        n = len(self.dataset)
+        epoch = i // n
+        if epoch not in self.perms:                                       # a fresh permutation per epoch
+            self.perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self.perms[epoch][i % n])
+
+    def __call__(self, micro_step: int):
+        first = (micro_step * self.world + self.rank) * self.batch_size
+        indices = [self.index(first + k) for k in range(self.batch_size)]
+        items = [self.dataset[i] for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items], indices
+
+
+class FrozenFeatures:
+    """What a frozen model computes per sample (caption tokens, latents). On a finite data set it is computed once
+    and kept on the CPU, so the frozen encoders run once per sample, not once per epoch. It is computed in fixed
+    blocks of consecutive sample indices, so the values never depend on which batch first asked for them, and a
+    resumed run sees bit-identical features."""
+
+    BLOCK = 64
+
+    def __init__(self, batches: Batches, compute, enabled: bool):
+        self.batches, self.compute, self.enabled, self.store = batches, compute, enabled, {}
+
+    def _items(self, indices):
+        items = [self.batches.dataset[i] for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+    @torch.no_grad()
+    def __call__(self, indices: list[int], device) -> torch.Tensor:
+        if not self.enabled:
+            return self.compute(*self._items(indices)).to(device)
+        for block in sorted({i // self.BLOCK for i in indices if i not in self.store}):
+            ids = list(range(block * self.BLOCK, min((block + 1) * self.BLOCK, len(self.batches.dataset))))
+            for i, value in zip(ids, self.compute(*self._items(ids)).cpu()):
+                self.store[i] = value
+        return torch.stack([self.store[i] for i in indices]).to(device)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: TrainConfig):
+    """The released scheme: a plain copy until ema_start, then every ema_every steps ema ← β·ema + (1 − β)·model."""
+    if step < cfg.ema_start:
+        ema.load_state_dict(model.state_dict())
+    elif step % cfg.ema_every == 0:
+        for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(m, 1 - cfg.ema_beta)
+            else:
+                e.copy_(m)                                                # BatchNorm's batch counter
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def atomic_save(obj, path: Path):
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old checkpoint whole."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Noise, t and dropout draws of a step depend only on (seed, step, rank), so resuming repeats them exactly."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 101 + rank)
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three stages as training tasks: what is trained, what is frozen, the loss of a batch, and the grid
+# ----------------------------------------------------------------------------------------------------------------
+class LossModule(torch.nn.Module):
+    """DDP synchronises gradients through forward(); ours routes forward() to the stage's own loss()."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.loss(*args, **kwargs)
+
+
+class TaskA:
+    def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
+        self.model = stage_a.StageA(cfg).to(device)
+        self.disc = None if args.no_adversarial else stage_a.Discriminator(cfg).to(device)
+        self.frozen = []
+
+    def prepare(self, batches, device):
+        """A fresh run starts its codebook from encoder outputs of the first batches (see VectorQuantizer.init_from)."""
+        with torch.no_grad():
+            images = torch.cat([batches(i)[0] for i in range(4)]).to(device)
+            self.model.vquantizer.init_from(self.model.encode_raw(images), torch.Generator().manual_seed(0))
+
+    def describe(self, cfg, train_cfg):
+        s = train_cfg.image_size
+        return (f"Stage A: 3×{s}×{s} image → {cfg.c_latent}×{s // 4}×{s // 4} latent "
+                f"(f4, {3 * 4 * 4 / cfg.c_latent:.0f}:1 by elements)")
+
+    def loss(self, model, images, indices, gen, step):
+        return model(images, self.disc, step)
+
+    @torch.no_grad()
+    def grid(self, ema, images, captions):
+        recon = ema.decode(ema.encode(images)).clamp(0, 1)                # un-quantized, as Würstchen v2 uses it
+        return [images, recon]
+
+
+def load_text_encoder(args, width: int, flag: str, device) -> TextEncoder:
+    encoder = TextEncoder.from_name_or_path(args.text_encoder, max_length=args.text_length).to(device)
+    if encoder.width != width:
+        raise SystemExit(f"error: the text encoder gives {encoder.width}-wide tokens but {flag} is {width}; "
+                         f"pass {flag} {encoder.width}")
+    return encoder
+
+
+class TaskB:
+    def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
+        self.vqgan = load_stage("a", args.stage_a or out / "stage_a.pt", device)
+        self.text = load_text_encoder(args, cfg.c_text, "--c-text", device)
+        self.uncond = self.text.encode([""], device)
+        self.model = stage_b.StageB(cfg).to(device)
+        self.frozen, self.device = [self.vqgan, self.text.model], device
+        cache = train_cfg.cache_frozen and batches.finite
+        self.latents = FrozenFeatures(batches, lambda x, c: self.vqgan.encode(x.to(device)), cache)
+        self.captions = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
+
+    def describe(self, cfg, train_cfg):
+        s = train_cfg.image_size
+        hc, wc = self.model.compressor.latent_size(s, s)
+        return (f"Stage B: {cfg.c_in}×{s // 4}×{s // 4} Stage A latent from a {cfg.c_semantic}×{hc}×{wc} semantic "
+                f"latent ({s / hc:.2f}× per side from pixels, {3 * s * s / (cfg.c_semantic * hc * wc):.1f}:1 by "
+                f"elements)")
+
+    def loss(self, model, images, indices, gen, step):
+        latents, text = self.latents(indices, self.device), self.captions(indices, self.device)
+        return model(latents, images, text, self.uncond, self.semantic_dropout, self.caption_dropout, gen)
+
+    @torch.no_grad()
+    def grid(self, ema, images, captions):
+        """Rows: images, Stage A reconstructions, Stage B decodes from the semantic latent (12 steps)."""
+        semantic = ema.compressor(images)
+        text = self.text.encode(captions, self.device)
+        latents = sample(ema.decoder, (images.shape[0], ema.config.c_in, images.shape[2] // 4, images.shape[3] // 4),
+                         cond={"semantic": semantic, "text": text}, timesteps=linear_timesteps(12),
+                         generator=torch.Generator(self.device).manual_seed(0), device=self.device)
+        return [images, self.vqgan.decode(self.vqgan.encode(images)).clamp(0, 1),
+                self.vqgan.decode(latents).clamp(0, 1)]
+
+
+class TaskC:
+    def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
+        self.vqgan = load_stage("a", args.stage_a or out / "stage_a.pt", device)
+        stage_b_model = load_stage("b", args.stage_b or out / "stage_b.pt", device)
+        self.compressor, self.decoder = stage_b_model.compressor, stage_b_model.decoder
+        self.text = load_text_encoder(args, cfg.c_cond, "--c-cond", device)
+        self.uncond = self.text.encode([""], device)
+        self.model = stage_c.Prior(cfg).to(device)
+        self.frozen, self.device = [self.vqgan, stage_b_model, self.text.model], device
+        cache = train_cfg.cache_frozen and batches.finite
+        self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
+        self.captions = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
+
+    def describe(self, cfg, train_cfg):
+        s = train_cfg.image_size
+        hc, wc = self.compressor.latent_size(s, s)
+        return (f"Stage C: text → {cfg.c_in}×{hc}×{wc} semantic latent ({s / hc:.2f}× per side, "
+                f"{3 * s * s / (cfg.c_in * hc * wc):.1f}:1 by elements from pixels)")
+
+    def loss(self, model, images, indices, gen, step):
+        semantic, text = self.semantic(indices, self.device), self.captions(indices, self.device)
+        return model(semantic, text, self.uncond, self.caption_dropout, gen)
+
+    @torch.no_grad()
+    def grid(self, ema, images, captions):
+        """One row: text-to-image samples for the demo prompts."""
+        side = images.shape[-1]
+        text_c, text_c_uncond = encode_prompts(self.text, list(DEMO_PROMPTS), self.device)
+        return [generate(ema, self.decoder, self.vqgan, text_c, text_c_uncond, text_c, text_c_uncond, side, side,
+                         generator=torch.Generator(self.device).manual_seed(0), device=self.device)]
+
+
+TASKS = {"a": TaskA, "b": TaskB, "c": TaskC}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args, cfg, train_cfg = parse_args(argv)
+    rank, world, local_rank = setup_distributed()
+    main_process = rank == 0
+    device = pick_device(args.device, local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    precision, autocast = autocast_for(device, args.precision)
+    out = Path(args.out)
+    ckpt_path = out / f"stage_{args.stage}.pt"
+    out.mkdir(parents=True, exist_ok=True)
+
+    resume = None
+    if args.resume:
+        resume = load_training_checkpoint(ckpt_path, args.stage)
+        cfg = type(cfg)(**resume["config"])                               # the run's own config wins
+        train_cfg = dataclasses.replace(TrainConfig(**resume["train"]), steps=train_cfg.steps)
+    torch.manual_seed(args.seed)
+    batches = Batches(args, train_cfg, rank, world)
+    task = TASKS[args.stage](args, cfg, train_cfg, device, out, batches)
+    task.caption_dropout, task.semantic_dropout = train_cfg.caption_dropout, train_cfg.semantic_dropout
+    model = task.model
+    if resume is None and hasattr(task, "prepare"):
+        task.prepare(batches, device)                                     # before DDP copies rank 0's weights
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    for frozen in task.frozen:
+        frozen.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    disc_opt = torch.optim.AdamW(task.disc.parameters(), lr=train_cfg.lr) if getattr(task, "disc", None) else None
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, skipped = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        ema.load_state_dict(resume["ema"])
+        opt.load_state_dict(resume["optimizer"])
+        if disc_opt is not None:
+            task.disc.load_state_dict(resume["discriminator"])
+            disc_opt.load_state_dict(resume["disc_optimizer"])
+        if scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
+        step, skipped = resume["step"], resume["skipped"]
+        torch.set_rng_state(resume["rng"]["torch"])
+        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+    loss_module = LossModule(model)
+    if world > 1:
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if main_process:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(count(m) for m in task.frozen)
+        print(f"stage {args.stage} · preset {args.preset} · {device} · {precision} · world {world}")
+        print("model config:", json.dumps(dataclasses.asdict(cfg)))
+        print("train config:", json.dumps(dataclasses.asdict(train_cfg)))
+        print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
+        print(task.describe(cfg, train_cfg))
+        if step:
+            print(f"resuming from {ckpt_path} at step {step}")
+
+    def checkpoint():
+        if not main_process:
+            return
+        atomic_save({
+            "stage": args.stage, "step": step, "skipped": skipped,
+            "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
+            "text_encoder": args.text_encoder, "text_length": args.text_length,
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            **({"discriminator": task.disc.state_dict(), "disc_optimizer": disc_opt.state_dict()}
+               if disc_opt is not None else {}),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }, ckpt_path)
+
+    def write_grid():
+        if main_process:
+            images, captions, _ = batches(0)                              # the same images every time
+            save_grid(task.grid(ema, images[:8].to(device), captions[:8]), out / f"stage_{args.stage}_{step:06d}.png")
+
+    log = open(out / f"stage_{args.stage}.log.jsonl", "a") if main_process else None
+    bar = tqdm(total=train_cfg.steps, initial=step, disable=not main_process or args.no_progress,
+               desc=f"stage {args.stage}", dynamic_ncols=True)
+    model.train()
+    bad_in_a_row, t0 = 0, time.time()
+    while step < train_cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, train_cfg)
+        total, parts_sum = 0.0, {}
+        for micro in range(train_cfg.grad_accum):
+            images, captions, indices = batches(step * train_cfg.grad_accum + micro)
+            images = images.to(device, non_blocking=True)
+            gen = step_generator(args.seed, step * train_cfg.grad_accum + micro, rank, device)
+            sync = micro == train_cfg.grad_accum - 1 or world == 1
+            with autocast, (nullcontext() if sync else loss_module.no_sync()):
+                loss, parts = task.loss(loss_module, images, indices, gen, step)
+                scaler.scale(loss / train_cfg.grad_accum).backward()
+            total += loss.item() / train_cfg.grad_accum
+            for k, v in parts.items():
+                if v.dim() == 0:
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
+        if not math.isfinite(total):                                      # skip the step, keep the weights
+            opt.zero_grad(set_to_none=True)
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            if bad_in_a_row >= train_cfg.max_bad_steps:
+                raise SystemExit(f"error: {bad_in_a_row} non-finite losses in a row at step {step}; the last good "
+                                 f"checkpoint {ckpt_path} is kept. Try a lower --lr or --precision fp32.")
+            step += 1
+            continue
+        bad_in_a_row = 0
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if disc_opt is not None and step >= cfg.adversarial_start:       # the discriminator's own step
+            with autocast:
+                d_loss = stage_a.discriminator_loss(task.disc, images, parts["recon"])
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            if world > 1:                                                 # the discriminator is not DDP-wrapped
+                for p in task.disc.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            disc_opt.step()
+            parts_sum["disc"] = d_loss.item()
+        step += 1
+        update_ema(ema, model, step, train_cfg)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if main_process and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
+            log.write(json.dumps({"step": step, "loss": total, **parts_sum, "grad_norm": float(grad_norm),
+                                  "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
+                                  "time": round(time.time() - t0, 2)}) + "\n")
+            log.flush()
+        if step % train_cfg.save_every == 0 or step == train_cfg.steps:
+            checkpoint()
+        if step % train_cfg.sample_every == 0 or step == train_cfg.steps:
+            write_grid()
+    bar.close()
+    if main_process:
+        print(f"stage {args.stage}: {step} steps, {skipped} skipped, checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def load_training_checkpoint(path: Path, stage: str) -> dict:
+    if not path.exists():
+        raise SystemExit(f"error: --resume: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("stage") != stage:
+        raise SystemExit(f"error: --resume: {path} is a stage {ckpt.get('stage')} checkpoint, not stage {stage}")
+    return ckpt
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
