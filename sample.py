@@ -5,7 +5,7 @@
         --stage-a wuerstchen/vqgan --text-encoder-c wuerstchen-prior --text-encoder-b wuerstchen --size 1024
 
 1. Stage C denoises a 16×(H/42.67)×(W/42.67) latent from the caption (CLIP ViT-bigG tokens for the release),
-   which maps back to the semantic latent with × 42 − 1.
+   which maps back to the semantic latent (released: × 42 − 1).
 2. Stage B denoises Stage A's 4×(H/4)×(W/4) latent, given that semantic latent and the caption (CLIP ViT-H).
 3. Stage A decodes the latent to pixels, clamped to [0, 1].
 
@@ -28,7 +28,6 @@ import stage_a
 import stage_b
 import stage_c
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, check_timesteps, linear_timesteps, sample
-from stage_c import from_prior_space
 
 STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
 
@@ -107,7 +106,7 @@ def generate(prior, decoder, vqgan, text_c, text_c_uncond, text_b, text_b_uncond
     t0 = _synced_time(device or "cpu")
     x = sample(prior, (B, prior.config.c_in, hc, wc), cond={"text": text_c}, uncond={"text": text_c_uncond},
                guidance=prior_guidance, timesteps=prior_timesteps, generator=generator, device=device, dtype=dtype)
-    semantic = from_prior_space(x.float())                                # (B, 16, hc, wc)
+    semantic = prior.from_prior_space(x.float())                          # (B, 16, hc, wc)
     t1 = _synced_time(device or "cpu")
     # Stage B's unconditional inputs are a zero semantic latent and the empty caption.
     latents = sample(decoder, (B, decoder.config.c_in, hb, wb), cond={"semantic": semantic, "text": text_b},

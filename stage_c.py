@@ -35,6 +35,13 @@ class StageCConfig:
     depth: int = 32       # number of [ResBlock, TimestepBlock, AttnBlock] triples (released: 32)
     nhead: int = 24       # attention heads, head dim = c / nhead (released: 24)
     dropout: float = 0.1  # in the residual MLPs and on the attention weights (released: 0.1)
+    # Stage C does not model the semantic latent z itself but (z + shift) / scale. The released prior pipeline maps
+    # its output back with × 42 − 1 (its config calls these latent_mean 42 and latent_std 1), fitted to the released
+    # compressor's output. Our own compressors end in a fresh BatchNorm, so their z has about unit scale already:
+    # the tiny and small presets use the identity, since ÷ 42 would leave a 1/42-std signal under unit noise and
+    # amplify the prior's errors 42× on the way back.
+    semantic_shift: float = 1.0
+    semantic_scale: float = 42.0
 
     def __post_init__(self):
         if self.c % self.nhead:
@@ -44,24 +51,11 @@ class StageCConfig:
 PRESETS = {
     "paper": StageCConfig(),
     # One consumer GPU. c_cond 384 is the width of all-MiniLM-L6-v2, the project's offline text encoder.
-    "small": StageCConfig(c=768, c_cond=384, depth=12, nhead=12),
+    "small": StageCConfig(c=768, c_cond=384, depth=12, nhead=12, semantic_shift=0.0, semantic_scale=1.0),
     # Tests and the CPU demo.
-    "tiny": StageCConfig(c=64, c_cond=384, c_r=32, depth=4, nhead=4, dropout=0.0),
+    "tiny": StageCConfig(c=64, c_cond=384, c_r=32, depth=4, nhead=4, dropout=0.0, semantic_shift=0.0,
+                         semantic_scale=1.0),
 }
-
-# Stage C does not model the semantic latent z directly but (z + 1) / 42, which brings the BatchNorm'd compressor
-# output to roughly unit scale ("latent_mean 42, latent_std 1" in the released prior pipeline, which maps back
-# with × 42 − 1).
-SEMANTIC_SHIFT, SEMANTIC_SCALE = 1.0, 42.0
-
-
-def to_prior_space(semantic: torch.Tensor) -> torch.Tensor:
-    return (semantic + SEMANTIC_SHIFT) / SEMANTIC_SCALE
-
-
-def from_prior_space(x: torch.Tensor) -> torch.Tensor:
-    return x * SEMANTIC_SCALE - SEMANTIC_SHIFT
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layers. LayerNorm2d, GlobalResponseNorm, TimestepBlock and AttnBlock have identical copies in stage_b.py, so that
@@ -211,6 +205,14 @@ class Prior(nn.Module):
         # which learns far faster than a plain ε head at small scale. 1e-5 keeps the division finite.
         return (x - a) / ((1 - b).abs() + 1e-5)
 
+    def to_prior_space(self, semantic: torch.Tensor) -> torch.Tensor:
+        """Semantic latent z → the space Stage C denoises: (z + shift) / scale (released: (z + 1) / 42)."""
+        return (semantic + self.config.semantic_shift) / self.config.semantic_scale
+
+    def from_prior_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage C's output → semantic latent: x · scale − shift (released: × 42 − 1)."""
+        return x * self.config.semantic_scale - self.config.semantic_shift
+
     # ------------------------------------------------------------------------------------------------------------
     # Loss
     # ------------------------------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class Prior(nn.Module):
         classifier-free guidance works at sampling time.
         """
         B, device = semantic.shape[0], semantic.device
-        x0 = to_prior_space(semantic)
+        x0 = self.to_prior_space(semantic)
         drop = torch.rand(B, generator=generator, device=device) < caption_dropout
         text = torch.where(drop[:, None, None], text_uncond.expand_as(text), text)
         t = sample_t(B, generator=generator, device=device)
