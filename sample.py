@@ -208,10 +208,6 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     run = Path(args.run)
     paths = {s: getattr(args, f"stage_{s}") or run / f"stage_{s}.pt" for s in "abc"}
-    try:
-        vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
 
     def text_encoder(flag, model):
         spec, length = getattr(model, "text_encoder_spec", (None, None))
@@ -221,8 +217,12 @@ def main(argv=None):
                              "--text-encoder-b (local folders)")
         return TextEncoder.from_name_or_path(spec, **({"max_length": length} if length else {})).to(device)
 
-    enc_c = text_encoder(args.text_encoder_c, prior)
-    enc_b = text_encoder(args.text_encoder_b, stage_b_model)
+    try:                                    # checkpoint and text-encoder errors are one line, never a traceback
+        vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
+        enc_c = text_encoder(args.text_encoder_c, prior)
+        enc_b = text_encoder(args.text_encoder_b, stage_b_model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     side = args.size or getattr(prior, "train_side", None) or 1024      # published weights: 1024²
     made = valid_side(side, stage_b_model.decoder.config)
     if made != side:

@@ -116,7 +116,9 @@ def field_flags(parser, group_name: str, config) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    # --help is added last, so that it lists the flags of the chosen stage's config too.
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                add_help=False)
     p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
     p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",
                    help="model and training defaults (tiny: CPU demo, small: one GPU, paper: released)")
@@ -141,6 +143,7 @@ def parse_args(argv=None):
     train_defaults = TRAIN_PRESETS[known.preset][known.stage]
     model_dests = field_flags(p, f"Stage {known.stage.upper()} model (stage_{known.stage}.py)", model_defaults)
     train_dests = field_flags(p, "training", train_defaults)
+    p.add_argument("-h", "--help", action="help", help="show this help, with the flags of --stage's config")
     args = p.parse_args(argv)
     overrides = lambda dests: {name: getattr(args, d) for d, name in dests.items() if getattr(args, d) is not None}
     try:

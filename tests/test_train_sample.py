@@ -127,3 +127,18 @@ def test_ddp_two_cpu_processes(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "stage_a.log.jsonl").read_text().splitlines()]
     assert "disc" in records[-1]
     assert torch.load(tmp_path / "stage_a.pt", weights_only=True)["step"] == 3
+
+
+def test_trains_on_a_folder_of_captioned_images(tmp_path):
+    """--data FOLDER: sidecar captions, a corrupt file skipped and counted, images resized to the training size."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (48 + 8 * i, 80, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture number {i}")
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken picture")
+    with pytest.warns(UserWarning, match="skipped"):
+        run_train(tmp_path / "run", "a", 2, "--data", str(folder), "--image-size", "32")
+    assert sorted(losses(tmp_path / "run", "a")) == [1, 2]
