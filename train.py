@@ -231,9 +231,10 @@ class FrozenFeatures:
         return torch.stack([x for x, _ in items]), [c for _, c in items]
 
     @torch.no_grad()
-    def __call__(self, indices: list[int], device) -> torch.Tensor:
+    def __call__(self, indices: list[int], images, captions, device) -> torch.Tensor:
+        """Features of the batch (images, captions), whose samples are `indices` of the data set."""
         if not self.enabled:
-            return self.compute(*self._items(indices)).to(device)
+            return self.compute(images, captions).to(device)
         for block in sorted({i // self.BLOCK for i in indices if i not in self.store}):
             ids = list(range(block * self.BLOCK, min((block + 1) * self.BLOCK, len(self.batches.dataset))))
             for i, value in zip(ids, self.compute(*self._items(ids)).cpu()):
@@ -309,7 +310,7 @@ class TaskA:
         return (f"Stage A: 3×{s}×{s} image → {cfg.c_latent}×{s // 4}×{s // 4} latent "
                 f"(f4, {3 * 4 * 4 / cfg.c_latent:.0f}:1 by elements)")
 
-    def loss(self, model, images, indices, gen, step):
+    def loss(self, model, images, captions, indices, gen, step):
         return model(images, self.disc, step)
 
     @torch.no_grad()
@@ -335,7 +336,7 @@ class TaskB:
         self.frozen, self.device = [self.vqgan, self.text.model], device
         cache = train_cfg.cache_frozen and batches.finite
         self.latents = FrozenFeatures(batches, lambda x, c: self.vqgan.encode(x.to(device)), cache)
-        self.captions = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
+        self.text_tokens = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
 
     def describe(self, cfg, train_cfg):
         s = train_cfg.image_size
@@ -344,8 +345,9 @@ class TaskB:
                 f"latent ({s / hc:.2f}× per side from pixels, {3 * s * s / (cfg.c_semantic * hc * wc):.1f}:1 by "
                 f"elements)")
 
-    def loss(self, model, images, indices, gen, step):
-        latents, text = self.latents(indices, self.device), self.captions(indices, self.device)
+    def loss(self, model, images, captions, indices, gen, step):
+        latents = self.latents(indices, images, captions, self.device)
+        text = self.text_tokens(indices, images, captions, self.device)
         return model(latents, images, text, self.uncond, self.semantic_dropout, self.caption_dropout, gen)
 
     @torch.no_grad()
@@ -371,7 +373,7 @@ class TaskC:
         self.frozen, self.device = [self.vqgan, stage_b_model, self.text.model], device
         cache = train_cfg.cache_frozen and batches.finite
         self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
-        self.captions = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
+        self.text_tokens = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
 
     def describe(self, cfg, train_cfg):
         s = train_cfg.image_size
@@ -379,8 +381,9 @@ class TaskC:
         return (f"Stage C: text → {cfg.c_in}×{hc}×{wc} semantic latent ({s / hc:.2f}× per side, "
                 f"{3 * s * s / (cfg.c_in * hc * wc):.1f}:1 by elements from pixels)")
 
-    def loss(self, model, images, indices, gen, step):
-        semantic, text = self.semantic(indices, self.device), self.captions(indices, self.device)
+    def loss(self, model, images, captions, indices, gen, step):
+        semantic = self.semantic(indices, images, captions, self.device)
+        text = self.text_tokens(indices, images, captions, self.device)
         return model(semantic, text, self.uncond, self.caption_dropout, gen)
 
     @torch.no_grad()
@@ -493,7 +496,7 @@ def main(argv=None):
             gen = step_generator(args.seed, step * train_cfg.grad_accum + micro, rank, device)
             sync = micro == train_cfg.grad_accum - 1 or world == 1
             with autocast, (nullcontext() if sync else loss_module.no_sync()):
-                loss, parts = task.loss(loss_module, images, indices, gen, step)
+                loss, parts = task.loss(loss_module, images, captions, indices, gen, step)
                 scaler.scale(loss / train_cfg.grad_accum).backward()
             total += loss.item() / train_cfg.grad_accum
             for k, v in parts.items():
