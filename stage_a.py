@@ -10,7 +10,9 @@ Würstchen v2 uses this model *without* quantization at inference ("a pseudo-VAE
 un-quantized encoder output divided by 0.3764, the space Stage B works in, and `decode` undoes the scale.
 Deliberate choices:
 - no official training recipe was published. Our loss is MSE + the VQ terms + an optional patch-GAN term after a
-  warm-up; the perceptual term of the author's related recipe needs downloaded weights, so it is left out.
+  warm-up; the perceptual term of the author's related recipe needs downloaded weights, so it is left out;
+- training may start the codebook from encoder outputs (`VectorQuantizer.init_from`), as small codebooks collapse
+  from the released ±1/K initialisation.
 """
 import json
 from dataclasses import dataclass
