@@ -7,7 +7,8 @@ must turn Stage B's latents back into sharp pixels. Images are in [0, 1], not [-
 It mirrors the released `vqgan_f4_v1_500k.pt` (dome272/Wuerstchen `vqgan.py`, class `VQModel`) and diffusers'
 `PaellaVQModel`, parameter for parameter (18,406,894 at the `paper` preset), and loads both checkpoints.
 Würstchen v2 uses this model *without* quantization at inference ("a pseudo-VAE"): `encode` returns the
-un-quantized encoder output divided by 0.3764, the space Stage B works in, and `decode` undoes the scale.
+un-quantized encoder output divided by the scale factor (released: 0.3764), the space Stage B works in, and
+`decode` undoes the scale.
 Deliberate choices:
 - no official training recipe was published. Our loss is MSE + the VQ terms + an optional patch-GAN term after a
   warm-up; the perceptual term of the author's related recipe needs downloaded weights, so it is left out;
@@ -33,7 +34,10 @@ class StageAConfig:
     c_hidden: int = 384            # width at the deepest level; each level above halves it (released: [192, 384])
     c_latent: int = 4              # latent channels (released: 4)
     codebook_size: int = 8192      # VQ codebook entries, each c_latent wide (released: 8192)
-    scale_factor: float = 0.3764   # released: the un-quantized latent ÷ 0.3764 has about unit std for Stage B
+    # Stage B works on the un-quantized latent ÷ scale_factor. Released: 0.3764, fitted to the released encoder's
+    # output. Ours end in a fresh BatchNorm, so their latent already has about unit std: the tiny and small presets
+    # use 1. (At 0.3764 the tiny Stage B's latents had std 2.1, and its samples from pure noise drifted to blotches.)
+    scale_factor: float = 0.3764
     commitment: float = 0.25       # weight of the commitment term (released: 0.25)
     adversarial_weight: float = 0.1  # patch-GAN term weight once on (the author's related recipe: 0.1)
     adversarial_start: int = 10_000  # steps of reconstruction-only training before the GAN term switches on
@@ -47,9 +51,9 @@ class StageAConfig:
 
 PRESETS = {
     "paper": StageAConfig(),
-    "small": StageAConfig(bottleneck_blocks=6, c_hidden=256, codebook_size=4096),
-    "tiny": StageAConfig(bottleneck_blocks=2, c_hidden=64, codebook_size=1024, adversarial_start=2_000,
-                         disc_c_hidden=128, disc_depth=4),
+    "small": StageAConfig(bottleneck_blocks=6, c_hidden=256, codebook_size=4096, scale_factor=1.0),
+    "tiny": StageAConfig(bottleneck_blocks=2, c_hidden=64, codebook_size=1024, scale_factor=1.0,
+                         adversarial_start=2_000, disc_c_hidden=128, disc_depth=4),
 }
 
 
@@ -165,7 +169,7 @@ class StageA(nn.Module):
         return self.out_block(self.up_blocks(z))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Image in [0, 1] → the latent Stage B works in: un-quantized ÷ 0.3764."""
+        """Image in [0, 1] → the latent Stage B works in: un-quantized ÷ scale_factor (released 0.3764)."""
         return self.encode_raw(images) / self.config.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

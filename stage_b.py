@@ -424,7 +424,7 @@ class StageB(nn.Module):
              generator: torch.Generator | None = None):
         """P2-weighted ε-MSE, with gradients into the compressor. Returns (loss, parts).
 
-        latents: (B, 4, H, W) Stage A latents (un-quantized, ÷ 0.3764) of `images`: (B, 3, 4H, 4W) in [0, 1];
+        latents: (B, 4, H, W) Stage A latents (un-quantized, ÷ scale factor) of `images`: (B, 3, 4H, 4W) in [0, 1];
         text: (B, L, c_text) caption tokens; text_uncond: (1 or B, L, c_text) tokens of the empty caption.
         Dropped semantic latents become zeros and dropped captions the empty caption: the unconditional inputs
         used for classifier-free guidance at sampling time.
