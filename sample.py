@@ -54,6 +54,7 @@ def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
             model.text_encoder_spec = (ckpt.get("text_encoder"), ckpt.get("text_length"))
             model.train_side = ckpt.get("train", {}).get("image_size")
             return model.to(device).eval()
+        del ckpt                                  # an official .pt: free it before load_pretrained reads it again
     return module.load_pretrained(path, device=device)
 
 

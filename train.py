@@ -502,6 +502,10 @@ def main(argv=None):
             for k, v in parts.items():
                 if v.dim() == 0:
                     parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
+        if world > 1:                                                     # all ranks must agree to skip a step
+            reduced = torch.tensor([total], device=device)
+            dist.all_reduce(reduced)
+            total = reduced.item() / world
         if not math.isfinite(total):                                      # skip the step, keep the weights
             opt.zero_grad(set_to_none=True)
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
