@@ -381,7 +381,11 @@ def _read_metadata(root: Path) -> dict[Path, str]:
     "file_name" (relative to the metadata file's folder) and "text" ("caption" is accepted too)."""
     captions = {}
     for meta in sorted(root.rglob("metadata.jsonl")):
-        for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            lines = meta.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:       # its own message would not say which file
+            raise ValueError(f"{meta}: not UTF-8 text (byte {e.start}); expected JSON lines") from None
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:

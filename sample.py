@@ -46,10 +46,18 @@ def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
         ckpt = module._read_checkpoint(path)
         if "stage" in ckpt and "config" in ckpt:                          # written by train.py
             if ckpt["stage"] != stage:
-                raise module.CheckpointError(f"checkpoint {path} is a stage {ckpt['stage'].upper()} checkpoint; "
+                raise module.CheckpointError(f"checkpoint {path} is a stage {str(ckpt['stage']).upper()} checkpoint; "
                                              f"expected stage {stage.upper()}")
+            if not isinstance(ckpt.get(weights), dict) or not isinstance(ckpt["config"], dict):
+                raise module.CheckpointError(f"checkpoint {path}: a train.py checkpoint without its '{weights}' "
+                                             f"weights or config; expected both (damaged or edited by hand?)")
             config = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
-            model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config(**ckpt["config"]))
+            try:
+                model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config(**ckpt["config"]))
+            except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise module.CheckpointError(f"checkpoint {path}: its config does not build a Stage {stage.upper()} "
+                                             f"({reason})") from None
             module._load_strict(model, ckpt[weights], f"stage {stage.upper()} ({weights} weights)", path)
             model.text_encoder_spec = (ckpt.get("text_encoder"), ckpt.get("text_length"))
             model.train_side = ckpt.get("train", {}).get("image_size")
@@ -139,9 +147,22 @@ def save_grid(rows: list[torch.Tensor], path, pad: int = 2):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (exit status 2) instead of the usage block: the line itself
+    names the bad value and what was expected, and --help has the rest."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def timestep_list(text: str):
     try:
-        return check_timesteps([float(x) for x in text.split(",")])
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, descending from at most 1 "
+                                         f"to at least 0, e.g. 1,0.5,0") from None
+    try:
+        return check_timesteps(values)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -157,14 +178,37 @@ def guidance_value(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number ≥ 0") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text}: expected a guidance scale ≥ 0 (it is on for values > 1)")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite guidance scale ≥ 0 (it is on for values > 1)")
     return value
 
 
+def seed_value(text: str) -> int:
+    """torch.Generator takes seeds in 0 … 2^64 − 1; beyond that it fails with an overflow deep in torch."""
+    if not text.isdigit() or int(text) >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 0 to 2^64 − 1")
+    return int(text)
+
+
+def device_value(text: str) -> torch.device:
+    """'auto' → cuda if there is one, else cpu. A device that does not exist here fails now, in one line, rather
+    than in the middle of loading the weights."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Text → image with Würstchen's three stages.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p = OneLineParser(description="Text → image with Würstchen's three stages.",
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     p.add_argument("prompts", nargs="*", help="captions to draw")
     p.add_argument("--demo-prompts", action="store_true", help="also draw the fixed demo prompts (data.DEMO_PROMPTS)")
     p.add_argument("--run", default="runs/tiny", help="folder with train.py's stage_a/b/c.pt")
@@ -175,7 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--text-encoder-c", help="Stage C's text encoder: 'minilm' or a local CLIP folder "
                                             "(default: what the checkpoint was trained with)")
     p.add_argument("--text-encoder-b", help="Stage B's text encoder, likewise")
-    p.add_argument("--seed", type=int, default=0, help="same seed and flags → same images")
+    p.add_argument("--seed", type=seed_value, default=0, help="same seed and flags → same images")
     p.add_argument("--prior-steps", type=positive_int, help="linear Stage C steps (default: the released 29-call list)")
     p.add_argument("--prior-timesteps", type=timestep_list, help="explicit Stage C list, e.g. 1,0.8,0.5,0")
     p.add_argument("--decoder-steps", type=positive_int, default=STAGE_B_STEPS, help="linear Stage B steps")
@@ -186,7 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on a capable GPU, fp32 on CPU (fp16 overflows in this model family)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
     args = p.parse_args(argv)
     if args.prior_steps and args.prior_timesteps is not None:
@@ -197,13 +241,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from data import DEMO_PROMPTS
-    from text import TextEncoder
     prompts = (list(DEMO_PROMPTS) if args.demo_prompts else []) + [p.strip() for p in args.prompts]
     if not prompts:
         raise SystemExit("error: no prompt given; pass one or more captions, or --demo-prompts")
-    if any(not p for p in prompts):
-        raise SystemExit("error: an empty prompt was given; expected a caption with some text")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    for number, (given, prompt) in enumerate(zip(args.prompts, prompts[len(prompts) - len(args.prompts):]), 1):
+        if not prompt:        # "" is the unconditional caption: sampling it silently would ignore the user
+            raise SystemExit(f"error: prompt {number} ({given!r}) is empty; expected a caption with some text")
+    device = args.device
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -211,6 +255,7 @@ def main(argv=None):
     paths = {s: getattr(args, f"stage_{s}") or run / f"stage_{s}.pt" for s in "abc"}
 
     def text_encoder(flag, model):
+        from text import TextEncoder      # imports transformers (seconds): not before the checks that need none
         spec, length = getattr(model, "text_encoder_spec", (None, None))
         spec = flag or spec
         if spec is None:
@@ -224,6 +269,19 @@ def main(argv=None):
         enc_b = text_encoder(args.text_encoder_b, stage_b_model)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    # A width mismatch would otherwise surface as a matmul error deep inside the first attention layer.
+    for encoder, width, what in ((enc_c, prior.config.c_cond, "Stage C (--text-encoder-c)"),
+                                 (enc_b, stage_b_model.decoder.config.c_text, "Stage B (--text-encoder-b)")):
+        if encoder.width != width:
+            raise SystemExit(f"error: {what} reads {width}-wide text tokens, but {encoder.name} from {encoder.source} "
+                             f"gives {encoder.width}-wide ones; expected the text encoder it was trained with")
+    counts = {what: encoder.token_counts(prompts) for encoder, what in ((enc_c, "Stage C"), (enc_b, "Stage B"))}
+    for i, prompt in enumerate(prompts):
+        cut = [f"{what}'s text encoder reads {encoder.max_length} of its {counts[what][i]} tokens"
+               for encoder, what in ((enc_c, "Stage C"), (enc_b, "Stage B")) if counts[what][i] > encoder.max_length]
+        if cut:                           # the tokenizers truncate silently
+            print(f"warning: prompt {prompt[:40]!r}{'…' if len(prompt) > 40 else ''} is too long and is cut short: "
+                  f"{'; '.join(cut)}", file=sys.stderr)
     side = args.size or getattr(prior, "train_side", None) or 1024      # published weights: 1024²
     made = valid_side(side, stage_b_model.decoder.config)
     if made != side:
@@ -242,12 +300,15 @@ def main(argv=None):
                           prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
                           generator=torch.Generator(device).manual_seed(args.seed), device=device, timings=timings)
     out = Path(args.out) if args.out else run / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (img, prompt) in enumerate(zip(images, all_prompts)):
-        name = "".join(c if c.isalnum() else "_" for c in prompt.lower())[:60].strip("_")
-        save_grid([img[None]], out / f"{i:03d}_{name}.png", pad=0)
-    rows = [images[i:i + 8] for i in range(0, len(images), 8)]
-    save_grid(rows, out / "grid.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (img, prompt) in enumerate(zip(images, all_prompts)):
+            name = "".join(c if c.isalnum() else "_" for c in prompt.lower())[:60].strip("_")
+            save_grid([img[None]], out / f"{i:03d}_{name}.png", pad=0)
+        rows = [images[i:i + 8] for i in range(0, len(images), 8)]
+        save_grid(rows, out / "grid.png")
+    except OSError as e:                  # disk full, read-only folder, a file where the folder should be
+        raise SystemExit(f"error: cannot write the images to {out} ({e.strerror or e})")
     print(" · ".join(f"{k}: {v:.2f} s" for k, v in timings.items()) + f" · {len(images)} images of {made}×{made}")
     print(f"grid: {out / 'grid.png'}")
 

@@ -247,11 +247,14 @@ def _read_checkpoint(path: Path) -> dict:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
                               f"weights file ({reason})") from None
+    if not isinstance(ckpt, dict):          # e.g. a bare tensor: every caller looks keys up in it
+        raise CheckpointError(f"checkpoint {path}: holds a {type(ckpt).__name__}; expected a dict of weights")
+    return ckpt
 
 
 def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
@@ -259,10 +262,16 @@ def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"checkpoint folder {folder}: expected config.json and safetensors weights")
-    config = json.loads(config_file.read_text())
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-        [p.name for p in folder.glob("*.safetensors")]
+    try:
+        config = json.loads(config_file.read_text())
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+            [p.name for p in folder.glob("*.safetensors")]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, or not the diffusers layout
+        raise CheckpointError(f"checkpoint folder {folder}: config.json or its weight index is not valid "
+                              f"diffusers JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint folder {folder}: config.json holds no JSON object")
     if not files:
         raise CheckpointError(f"checkpoint folder {folder}: no .safetensors weights next to config.json")
     state = {}

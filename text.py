@@ -186,6 +186,13 @@ class TextEncoder(nn.Module):
                                 return_tensors="pt")
         return tokens.input_ids, tokens.attention_mask
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens per prompt before truncation, special tokens included: more than max_length means that the
+        encoder reads only the start of the prompt."""
+        # verbose=False: the tokenizer would log its own warning for prompts beyond the model's position limit.
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+        return [len(x) for x in ids]
+
     @torch.no_grad()
     def encode(self, prompts: list[str], device=None) -> torch.Tensor:
         """Token-level last hidden states (B, max_length, width), float32, on `device` (default: the encoder's).

@@ -12,6 +12,7 @@ semantic compressor jointly; Stage C trains on the semantic latents of Stage B's
 - Under `torchrun` it runs DDP (detected from the environment); otherwise on one device.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -31,9 +32,8 @@ import stage_a
 import stage_b
 import stage_c
 from data import DEMO_PROMPTS, ImageFolderDataset, ShapesDataset
-from sample import encode_prompts, generate, load_stage, save_grid
+from sample import OneLineParser, device_value, encode_prompts, generate, load_stage, save_grid, valid_side
 from schedule import linear_timesteps, sample
-from text import TextEncoder
 
 STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
 
@@ -117,8 +117,8 @@ def field_flags(parser, group_name: str, config) -> dict:
 
 def parse_args(argv=None):
     # --help is added last, so that it lists the flags of the chosen stage's config too.
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
-                                add_help=False)
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                      add_help=False)
     p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
     p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",
                    help="model and training defaults (tiny: CPU demo, small: one GPU, paper: released)")
@@ -149,11 +149,32 @@ def parse_args(argv=None):
     try:
         model_cfg = dataclasses.replace(model_defaults, **overrides(model_dests))
         train_cfg = dataclasses.replace(train_defaults, **overrides(train_dests))
-    except (ValueError, TypeError) as e:
-        p.error(str(e))
-    for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every", "sample_every", "save_every"):
+    except (ValueError, TypeError, ArithmeticError) as e:
+        p.error(f"{e} (model flags: {flags_changed(model_defaults, overrides(model_dests))})")
+    for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every", "sample_every", "save_every",
+                 "ema_every", "max_bad_steps"):
         if getattr(train_cfg, name) <= 0:
             p.error(f"--{name.replace('_', '-')} {getattr(train_cfg, name)}: expected a positive integer")
+    for name in ("warmup", "ema_start", "dataset_size"):
+        if getattr(train_cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} {getattr(train_cfg, name)}: expected an integer ≥ 0")
+    for name, low, high in (("lr", 0, math.inf), ("grad_clip", 0, math.inf), ("weight_decay", 0, math.inf),
+                            ("ema_beta", 0, 1), ("caption_dropout", 0, 1), ("semantic_dropout", 0, 1)):
+        value = getattr(train_cfg, name)
+        if not (low <= value <= high and math.isfinite(value)) or (name in ("lr", "grad_clip") and value == 0):
+            expected = f"a number in [{low}, {high}]" if high < math.inf else \
+                f"a finite number {'>' if name in ('lr', 'grad_clip') else '≥'} 0"
+            p.error(f"--{name.replace('_', '-')} {value}: expected {expected}")
+    for name, value in dataclasses.asdict(model_cfg).items():   # a negative width or a NaN fails deep in torch
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+                p.error(f"--{name.replace('_', '-')} {v}: expected an integer ≥ 0")
+            if isinstance(v, float) and not math.isfinite(v):
+                p.error(f"--{name.replace('_', '-')} {v}: expected a finite number")
+    if not 0 <= args.seed < 2 ** 32:      # step_generator multiplies the seed; torch takes at most 2^64 − 1
+        p.error(f"--seed {args.seed}: expected an integer from 0 to 2^32 − 1")
+    if args.text_length <= 0:
+        p.error(f"--text-length {args.text_length}: expected a positive integer")
     return args, model_cfg, train_cfg
 
 
@@ -172,7 +193,10 @@ def setup_distributed():
 def pick_device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return device_value(name)             # a device this machine lacks fails here, not inside torch
+    except argparse.ArgumentTypeError as e:
+        raise SystemExit(f"error: --device {e}") from None
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -260,14 +284,52 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def atomic_save(obj, path: Path):
-    """Write to a temporary file in the same folder, then rename: a crash leaves the old checkpoint whole."""
+    """Write to a temporary file in the same folder, then rename: a crash or a failed write (disk full) leaves the
+    old checkpoint whole. fsync before the rename, so that after a power cut the new name never points at a file
+    whose data had not reached the disk."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):    # the original error is the one to report
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def open_log(path: Path, step: int):
+    """The JSONL log, keeping only records up to `step`: a resumed run logs again the steps that its checkpoint
+    had not kept (and a crash may have cut the last line short); a fresh run starts a fresh log."""
+    kept = []
+    if step and path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
+def one_line(fn, *args):
+    """fn(*args), exiting with one line on a ValueError: what our loaders and data sets raise for a bad file,
+    folder or setting, with a message that names it."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
@@ -293,10 +355,48 @@ class LossModule(torch.nn.Module):
         return self.model.loss(*args, **kwargs)
 
 
+def flags_changed(preset, changed: dict) -> str:
+    """The model flags given that differ from the preset: where to look when a config cannot build its model."""
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    diff = [f"--{k.replace('_', '-')} {text(v)}" for k, v in changed.items() if getattr(preset, k) != v]
+    return " ".join(diff) or "none, the preset's"
+
+
+def build_model(cls, cfg, preset, device):
+    """cls(cfg) on the device, or one line naming the flags that stop it (a zero width, say)."""
+    try:
+        return cls(cfg).to(device)
+    except (ValueError, RuntimeError, ArithmeticError) as e:
+        changed = flags_changed(preset, dataclasses.asdict(cfg))
+        raise ValueError(f"the {cls.__name__} config does not build a model ({first_line(e)}); model flags: "
+                         f"{changed}") from None
+
+
+def load_frozen(stage: str, given, out: Path, device):
+    """A frozen stage that this one trains on: --stage-x PATH, or OUT/stage_x.pt from an earlier train.py run."""
+    path = Path(given) if given else out / f"stage_{stage}.pt"
+    if not given and not path.exists():
+        raise ValueError(f"no Stage {stage.upper()} checkpoint at {path}; expected one from an earlier run "
+                         f"(train.py --stage {stage} --out {out}), or pass --stage-{stage} PATH")
+    return load_stage(stage, path, device)
+
+
+def check_multiple(side: int, multiple: int, why: str):
+    if side % multiple:
+        raise ValueError(f"--image-size {side}: expected a multiple of {multiple} ({why}), e.g. "
+                         f"{max(multiple, side // multiple * multiple)} or {(side // multiple + 1) * multiple}")
+
+
 class TaskA:
     def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
-        self.model = stage_a.StageA(cfg).to(device)
-        self.disc = None if args.no_adversarial else stage_a.Discriminator(cfg).to(device)
+        side = train_cfg.image_size
+        check_multiple(side, 2 ** cfg.levels, f"Stage A's f{2 ** cfg.levels} with levels={cfg.levels}")
+        if not args.no_adversarial and 2 ** cfg.disc_depth >= side:   # else it fails when the GAN term starts
+            raise ValueError(f"--image-size {side}: expected more than {2 ** cfg.disc_depth} px for a discriminator "
+                             f"of --disc-depth {cfg.disc_depth}; lower it or pass --no-adversarial")
+        preset = stage_a.PRESETS[args.preset]
+        self.model = build_model(stage_a.StageA, cfg, preset, device)
+        self.disc = None if args.no_adversarial else build_model(stage_a.Discriminator, cfg, preset, device)
         self.frozen = []
 
     def prepare(self, batches, device):
@@ -319,7 +419,8 @@ class TaskA:
         return [images, recon]
 
 
-def load_text_encoder(args, width: int, flag: str, device) -> TextEncoder:
+def load_text_encoder(args, width: int, flag: str, device):
+    from text import TextEncoder          # imports transformers (5 s): only stages b and c need it
     encoder = TextEncoder.from_name_or_path(args.text_encoder, max_length=args.text_length).to(device)
     if encoder.width != width:
         raise SystemExit(f"error: the text encoder gives {encoder.width}-wide tokens but {flag} is {width}; "
@@ -329,10 +430,13 @@ def load_text_encoder(args, width: int, flag: str, device) -> TextEncoder:
 
 class TaskB:
     def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
-        self.vqgan = load_stage("a", args.stage_a or out / "stage_a.pt", device)
+        self.vqgan = load_frozen("a", args.stage_a, out, device)
+        f = 2 ** self.vqgan.config.levels
+        check_multiple(train_cfg.image_size, f * cfg.latent_multiple,
+                       f"Stage A's f{f} latent must divide into the decoder's {len(cfg.c_hidden)} levels")
         self.text = load_text_encoder(args, cfg.c_text, "--c-text", device)
         self.uncond = self.text.encode([""], device)
-        self.model = stage_b.StageB(cfg).to(device)
+        self.model = build_model(stage_b.StageB, cfg, stage_b.PRESETS[args.preset], device)
         self.frozen, self.device = [self.vqgan, self.text.model], device
         cache = train_cfg.cache_frozen and batches.finite
         self.latents = FrozenFeatures(batches, lambda x, c: self.vqgan.encode(x.to(device)), cache)
@@ -364,12 +468,16 @@ class TaskB:
 
 class TaskC:
     def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
-        self.vqgan = load_stage("a", args.stage_a or out / "stage_a.pt", device)
-        stage_b_model = load_stage("b", args.stage_b or out / "stage_b.pt", device)
+        self.vqgan = load_frozen("a", args.stage_a, out, device)
+        stage_b_model = load_frozen("b", args.stage_b, out, device)
+        side = train_cfg.image_size
+        if valid_side(side, stage_b_model.decoder.config) != side:   # its sample grids go through the decoder
+            raise ValueError(f"--image-size {side}: expected a size the Stage B decoder can make, e.g. "
+                             f"{valid_side(side, stage_b_model.decoder.config)}")
         self.compressor, self.decoder = stage_b_model.compressor, stage_b_model.decoder
         self.text = load_text_encoder(args, cfg.c_cond, "--c-cond", device)
         self.uncond = self.text.encode([""], device)
-        self.model = stage_c.Prior(cfg).to(device)
+        self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
         self.frozen, self.device = [self.vqgan, stage_b_model, self.text.model], device
         cache = train_cfg.cache_frozen and batches.finite
         self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
@@ -411,16 +519,21 @@ def main(argv=None):
     precision, autocast = autocast_for(device, args.precision)
     out = Path(args.out)
     ckpt_path = out / f"stage_{args.stage}.pt"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot create the folder ({e.strerror or e})") from None
+    if main_process:                      # left by a run killed while it saved; never the checkpoint itself
+        for stale in out.glob(f".{ckpt_path.name}.tmp*"):
+            stale.unlink(missing_ok=True)
 
     resume = None
     if args.resume:
-        resume = load_training_checkpoint(ckpt_path, args.stage)
-        cfg = type(cfg)(**resume["config"])                               # the run's own config wins
-        train_cfg = dataclasses.replace(TrainConfig(**resume["train"]), steps=train_cfg.steps)
+        resume, cfg, saved_train_cfg = load_training_checkpoint(ckpt_path, args.stage)   # the run's own configs win
+        train_cfg = dataclasses.replace(saved_train_cfg, steps=train_cfg.steps)
     torch.manual_seed(args.seed)
-    batches = Batches(args, train_cfg, rank, world)
-    task = TASKS[args.stage](args, cfg, train_cfg, device, out, batches)
+    batches = one_line(Batches, args, train_cfg, rank, world)
+    task = one_line(TASKS[args.stage], args, cfg, train_cfg, device, out, batches)
     task.caption_dropout, task.semantic_dropout = train_cfg.caption_dropout, train_cfg.semantic_dropout
     model = task.model
     if resume is None and hasattr(task, "prepare"):
@@ -433,18 +546,26 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, skipped = 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
-        if disc_opt is not None:
-            task.disc.load_state_dict(resume["discriminator"])
-            disc_opt.load_state_dict(resume["disc_optimizer"])
-        if scaler.is_enabled():
-            scaler.load_state_dict(resume["scaler"])
-        step, skipped = resume["step"], resume["skipped"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+        try:                              # the config came from the same file, so a mismatch means damage
+            load_strict = STAGES[args.stage]._load_strict
+            load_strict(model, resume["model"], f"stage {args.stage.upper()} (model weights)", ckpt_path)
+            load_strict(ema, resume["ema"], f"stage {args.stage.upper()} (EMA weights)", ckpt_path)
+            opt.load_state_dict(resume["optimizer"])
+            if disc_opt is not None:
+                task.disc.load_state_dict(resume["discriminator"])
+                disc_opt.load_state_dict(resume["disc_optimizer"])
+            if scaler.is_enabled():
+                scaler.load_state_dict(resume["scaler"])
+            step, skipped = int(resume["step"]), int(resume["skipped"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            if device.type == "cuda" and resume["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+        except KeyError as e:
+            hint = "; the run used --no-adversarial, pass it again" if e.args[0] == "discriminator" else ""
+            raise SystemExit(f"error: --resume: {ckpt_path} has no {e.args[0]!r}{hint}") from None
+        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: --resume: {ckpt_path} does not fit this run ({first_line(e)})") from None
+    saved_step = step if resume is not None else None
     loss_module = LossModule(model)
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
@@ -462,9 +583,10 @@ def main(argv=None):
             print(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint():
+        nonlocal saved_step
         if not main_process:
             return
-        atomic_save({
+        state = {
             "stage": args.stage, "step": step, "skipped": skipped,
             "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
             "text_encoder": args.text_encoder, "text_length": args.text_length,
@@ -474,21 +596,38 @@ def main(argv=None):
                if disc_opt is not None else {}),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }, ckpt_path)
+        }
+        try:
+            atomic_save(state, ckpt_path)
+        except (OSError, RuntimeError) as e:      # torch reports a failed write (disk full) as a RuntimeError
+            kept = f"the checkpoint of step {saved_step} is intact" if saved_step is not None else \
+                "the file there is left as it was" if ckpt_path.exists() else "no checkpoint has been written"
+            raise SystemExit(f"error: saving {ckpt_path} at step {step} failed ({first_line(e)}); {kept}") from None
+        saved_step = step
 
     def write_grid():
         if main_process:
             images, captions, _ = batches(0)                              # the same images every time
             save_grid(task.grid(ema, images[:8].to(device), captions[:8]), out / f"stage_{args.stage}_{step:06d}.png")
 
-    log = open(out / f"stage_{args.stage}.log.jsonl", "a") if main_process else None
+    def end_of_step():
+        if step % train_cfg.save_every == 0 or step == train_cfg.steps:
+            checkpoint()
+        if step % train_cfg.sample_every == 0 or step == train_cfg.steps:
+            write_grid()
+
+    log = open_log(out / f"stage_{args.stage}.log.jsonl", step) if main_process else None
     bar = tqdm(total=train_cfg.steps, initial=step, disable=not main_process or args.no_progress,
                desc=f"stage {args.stage}", dynamic_ncols=True)
     model.train()
     bad_in_a_row, t0 = 0, time.time()
+    buffers = list(model.buffers()) + (list(task.disc.buffers()) if disc_opt is not None else [])
     while step < train_cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
+        # The forward pass updates BatchNorm statistics even on a step that gets skipped, and a batch with NaN
+        # activations would leave NaN in them for good: keep a copy to put back.
+        buffers_before = [b.detach().clone() for b in buffers]
         total, parts_sum = 0.0, {}
         for micro in range(train_cfg.grad_accum):
             images, captions, indices = batches(step * train_cfg.grad_accum + micro)
@@ -506,17 +645,30 @@ def main(argv=None):
             reduced = torch.tensor([total], device=device)
             dist.all_reduce(reduced)
             total = reduced.item() / world
-        if not math.isfinite(total):                                      # skip the step, keep the weights
+        finite = math.isfinite(total)
+        if finite:
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            # A finite loss with an inf gradient would still make every weight NaN. (fp16's scaler skips such
+            # steps itself, and lowers its scale.) DDP has averaged the gradients, so the ranks agree.
+            finite = scaler.is_enabled() or math.isfinite(grad_norm)
+        if not finite:                                                    # skip the step, keep the weights
             opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, before in zip(buffers, buffers_before):
+                    b.copy_(before)
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             if bad_in_a_row >= train_cfg.max_bad_steps:
-                raise SystemExit(f"error: {bad_in_a_row} non-finite losses in a row at step {step}; the last good "
-                                 f"checkpoint {ckpt_path} is kept. Try a lower --lr or --precision fp32.")
+                kept = f"the last good checkpoint, of step {saved_step}, is kept" if saved_step is not None else \
+                    "no checkpoint was written by this run"
+                raise SystemExit(f"error: {bad_in_a_row} non-finite losses or gradients in a row (steps "
+                                 f"{step - bad_in_a_row + 2}–{step + 1}); stopped, and {kept} in {ckpt_path}. Try a "
+                                 f"lower --lr or --precision fp32.")
             step += 1
+            bar.update(1)
+            end_of_step()                 # a skipped step may still be one to save at
             continue
         bad_in_a_row = 0
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -540,10 +692,7 @@ def main(argv=None):
                                   "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
                                   "time": round(time.time() - t0, 2)}) + "\n")
             log.flush()
-        if step % train_cfg.save_every == 0 or step == train_cfg.steps:
-            checkpoint()
-        if step % train_cfg.sample_every == 0 or step == train_cfg.steps:
-            write_grid()
+        end_of_step()
     bar.close()
     if main_process:
         print(f"stage {args.stage}: {step} steps, {skipped} skipped, checkpoint {ckpt_path}")
@@ -551,13 +700,22 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def load_training_checkpoint(path: Path, stage: str) -> dict:
+def load_training_checkpoint(path: Path, stage: str) -> tuple[dict, object, TrainConfig]:
+    """(checkpoint, model config, training config) of a train.py checkpoint of `stage`, read safely (no pickled
+    code runs); anything else exits with one line."""
     if not path.exists():
         raise SystemExit(f"error: --resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = one_line(STAGES[stage]._read_checkpoint, path)
     if ckpt.get("stage") != stage:
         raise SystemExit(f"error: --resume: {path} is a stage {ckpt.get('stage')} checkpoint, not stage {stage}")
-    return ckpt
+    missing = [k for k in ("step", "skipped", "config", "train", "model", "ema", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: --resume: {path} lacks {missing}; expected a complete train.py checkpoint")
+    try:
+        return ckpt, type(STAGES[stage].PRESETS["tiny"])(**ckpt["config"]), TrainConfig(**ckpt["train"])
+    except (TypeError, ValueError, ArithmeticError) as e:     # unknown or missing fields: another version's file
+        raise SystemExit(f"error: --resume: the configs in {path} do not fit this train.py ({first_line(e)})") \
+            from None
 
 
 if __name__ == "__main__":
