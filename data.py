@@ -77,6 +77,11 @@ POSITIONS = {
 RELATIONS = ("left of", "right of", "above", "below")   # of the first object, relative to the second
 SUPERSAMPLE = 4                        # draw at 4× and box-filter down, for anti-aliased edges
 
+# Colour–shape pairs that train.py leaves out of the built-in shapes by default, so that evaluate.py can score
+# compositions the model never saw: one pair per shape, five colours, none of them in DEMO_PROMPTS.
+HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "cross"), ("yellow", "circle"),
+                            ("purple", "square")})
+
 DEMO_PROMPTS = [
     "a small red circle at the top left",
     "a large blue square in the centre",

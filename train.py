@@ -31,7 +31,7 @@ from tqdm import tqdm
 import stage_a
 import stage_b
 import stage_c
-from data import DEMO_PROMPTS, ImageFolderDataset, ShapesDataset
+from data import DEMO_PROMPTS, HELD_OUT_PAIRS, ImageFolderDataset, ShapesDataset
 from sample import OneLineParser, device_value, encode_prompts, generate, load_stage, save_grid, valid_side
 from schedule import linear_timesteps, sample
 
@@ -62,6 +62,7 @@ class TrainConfig:
     max_bad_steps: int = 20      # stop after this many non-finite losses in a row
     dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
     cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
+    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out, for evaluate.py's held-out rows
 
 
 OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
@@ -217,7 +218,7 @@ class Batches:
         if args.data == "shapes":
             endless = cfg.dataset_size == 0                               # then every batch is new images
             self.dataset = ShapesDataset(length=2 ** 62 if endless else cfg.dataset_size, size=cfg.image_size,
-                                         seed=args.seed)
+                                         seed=args.seed, exclude=HELD_OUT_PAIRS if cfg.hold_out else ())
         else:
             self.dataset = ImageFolderDataset(args.data, size=cfg.image_size)
         self.finite = args.data != "shapes" or cfg.dataset_size > 0

@@ -17,6 +17,7 @@ from PIL import Image
 import sample
 import train
 from conftest import ROOT
+from data import HELD_OUT_PAIRS
 
 # Small enough for seconds per run, big enough to exercise every path (grids, EMA after ema_start, checkpoints).
 FAST = ["--batch-size", "4", "--log-every", "1", "--save-every", "2", "--sample-every", "3", "--ema-start", "2",
@@ -73,6 +74,16 @@ def test_flags_override_preset_fields():
                                                    "--lr", "0.01", "--attention", "false,true,false"])
     assert model_cfg.c_hidden == (16, 32, 32) and model_cfg.blocks == (1, 2, 1) and train_cfg.lr == 0.01
     assert model_cfg.attention == (False, True, False)
+
+
+def test_built_in_shapes_hold_out_the_evaluation_pairs():
+    """evaluate.py's held-out rows measure unseen compositions only if training never draws those pairs."""
+    def pairs(argv):
+        args, _, cfg = train.parse_args(["--stage", "a", "--dataset-size", "400"] + argv)
+        data = train.Batches(args, cfg, rank=0, world=1).dataset
+        return {(o.colour, o.shape) for i in range(len(data)) for o in data.sample(i).attributes.objects}
+    assert not pairs([]) & HELD_OUT_PAIRS
+    assert pairs(["--hold-out", "false"]) & HELD_OUT_PAIRS
 
 
 @pytest.mark.parametrize("argv", [["--stage", "a", "--steps", "0"], ["--stage", "c", "--depth", "two"],
