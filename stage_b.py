@@ -98,9 +98,7 @@ PRESETS = {
     "small": StageBConfig(c_hidden=(160, 320, 640, 640), nhead=(0, 5, 10, 10), blocks=(2, 2, 6, 2), c_cond=512,
                           c_text=384),
     # Tests and the CPU demo: a 64² image, 16² Stage A latent, 4² semantic latent from the stride-16 tiny backbone.
-    # Patch size 1, not the released 2: a shape is only ~6% of a 16² latent, and with 2×2 patches (8² tokens) the
-    # decoder learned the background and barely the shapes (x0 error on shape pixels 4× higher after 800 steps).
-    "tiny": StageBConfig(c_r=32, patch_size=1, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
+    "tiny": StageBConfig(c_r=32, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
                          attention=(False, True, True), inject_semantic=(False, True, True), c_cond=64, c_text=384,
                          dropout=0.0, effnet_stem=16, effnet_stages=EFFNET_TINY, effnet_width=128,
                          effnet_resize=1.0, effnet_drop_path=0.0, resolution_multiple=16.0, latent_dim_scale=4.0),
