@@ -123,8 +123,10 @@ def sample(model, shape, cond: dict, uncond: dict | None = None, guidance: float
            x: torch.Tensor | None = None) -> torch.Tensor:
     """Denoise from N(0, I) along `timesteps` with classifier-free guidance. Returns x at the last time (0).
 
-    model(x, t, **cond) returns ε̂. Guidance w follows the released pipelines: it is on only for w > 1, and then
-    ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), with cond and uncond run as one batch (cond first).
+    model(x, t, **cond) returns ε̂; a model with a `condition` method gets model.condition(**cond) instead, computed
+    once for all steps (Stages B and C map their text there). Guidance w follows the released pipelines: it is on
+    only for w > 1, and then ε̂ = ε̂_uncond + w·(ε̂_cond − ε̂_uncond), with cond and uncond run as one batch (cond
+    first).
     Random numbers are drawn in the released pipelines' order, the initial noise, then one draw per step (the last
     included), so the same generator gives the same image as diffusers.
     """
@@ -137,6 +139,8 @@ def sample(model, shape, cond: dict, uncond: dict | None = None, guidance: float
     use_cfg = uncond is not None and guidance > 1
     if use_cfg:
         cond = {k: torch.cat([cond[k], uncond[k]]) for k in cond}   # (2B, ...): cond first, then uncond
+    if hasattr(model, "condition"):   # what depends on the conditioning alone is the same at every step: once here
+        cond = model.condition(**cond)
     x = randn() if x is None else x.to(device, dtype)
     for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
         t_b = t.expand(shape[0]).to(dtype)
