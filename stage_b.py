@@ -98,7 +98,10 @@ PRESETS = {
     "small": StageBConfig(c_hidden=(160, 320, 640, 640), nhead=(0, 5, 10, 10), blocks=(2, 2, 6, 2), c_cond=512,
                           c_text=384),
     # Tests and the CPU demo: a 64² image, 16² Stage A latent, 4² semantic latent from the stride-16 tiny backbone.
-    "tiny": StageBConfig(c_r=32, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
+    # patch_size 1, not the released 2: a small shape covers about 3×3 of the 16² latent, and a 2× unshuffle
+    # leaves it 1.5 tokens wide. Overfitting 64 demo images for 800 steps, patch 1 cut the x0 error on the shapes
+    # 4× and drew the right colour in 54% of images against 13%, at about 1.8× the time per step.
+    "tiny": StageBConfig(c_r=32, patch_size=1, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
                          attention=(False, True, True), inject_semantic=(False, True, True), c_cond=64, c_text=384,
                          dropout=0.0, effnet_stem=16, effnet_stages=EFFNET_TINY, effnet_width=128,
                          effnet_resize=1.0, effnet_drop_path=0.0, resolution_multiple=16.0, latent_dim_scale=4.0),

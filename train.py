@@ -69,9 +69,9 @@ OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=
 TRAIN_PRESETS = {
     # The CPU demo: minutes per stage on 2 cores, 64² shapes.
     "tiny": {"a": TrainConfig(steps=600, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
-             "b": TrainConfig(steps=1200, batch_size=32, lr=2e-3, warmup=100, ema_start=500, dataset_size=4096,
+             "b": TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=100, ema_start=500, dataset_size=4096,
                               cache_frozen=True),
-             "c": TrainConfig(steps=2500, batch_size=64, lr=1e-3, warmup=100, ema_start=500, dataset_size=4096,
+             "c": TrainConfig(steps=1400, batch_size=64, lr=1e-3, warmup=100, ema_start=500, dataset_size=4096,
                               cache_frozen=True)},
     # One consumer GPU, 256² images.
     "small": {s: TrainConfig(steps=50_000, batch_size=32, lr=3e-4, warmup=1000, ema_start=2000, ema_every=10,

@@ -100,9 +100,9 @@ def test_unmakeable_size_is_rounded_up_with_a_note(run, tmp_path, capsys):
     sample.main(["a red circle", "--run", str(run), "--prior-steps", "2", "--decoder-steps", "2", "--size", "40",
                  "--out", str(tmp_path)])
     printed = capsys.readouterr()
-    assert "note: size 40 is not one the decoder can make; using 64" in printed.out
+    assert "note: size 40 is not one the decoder can make; using 48" in printed.out
     assert printed.err == ""                              # and a short prompt gets no warning
-    assert Image.open(next(tmp_path.glob("000_*.png"))).size == (64, 64)
+    assert Image.open(next(tmp_path.glob("000_*.png"))).size == (48, 48)
 
 
 def test_paper_sizes_round_up_to_multiples_of_128():
