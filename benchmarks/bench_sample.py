@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import (PeakMemory, machine, markdown_table, median, randomize, set_threads,  # noqa: E402
+from common import (PeakMemory, machine, markdown_table, median, randomize, start,  # noqa: E402
                     synced, write_json)
 
 import sample  # noqa: E402
@@ -394,13 +394,7 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.command = " ".join([Path(__file__).name, *argv])
-    args.threads = set_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = start(args, __file__, argv)
     if args.memory_probe:
         return memory_probe(args)
     results = []

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import PeakMemory, machine, markdown_table, median, set_threads, synced, write_json  # noqa: E402
+from common import PeakMemory, machine, markdown_table, median, start, synced, write_json  # noqa: E402
 
 import stage_a  # noqa: E402
 import stage_b  # noqa: E402
@@ -145,13 +145,7 @@ def parse_args(argv=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.command = " ".join([Path(__file__).name, *argv])
-    args.threads = set_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = start(args, __file__, argv)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     torch.manual_seed(0)
     rows = []

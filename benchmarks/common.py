@@ -29,6 +29,19 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def start(args, script: str, argv: list[str]) -> torch.device:
+    """What every benchmark does first: records its command line and thread count in `args` (both go into the
+    report), and on CUDA checks that the card is there and turns on TF32, as train.py and sample.py do."""
+    args.command = " ".join([Path(script).name, *argv])
+    args.threads = set_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def synced(device) -> float:
     """perf_counter after the device has finished its queued work."""
     if torch.device(device).type == "cuda":
