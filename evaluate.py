@@ -580,10 +580,21 @@ def _scene_matches(sample, scene: Scene) -> bool:
     return truth == seen and scene.background == sample.attributes.background
 
 
+def data_fingerprint(size: int, count: int = 16) -> str:
+    """A hash of a few renders with their captions and ground truth. It changes whenever data.py's world does
+    (sizes, colours, geometry, grammar), so a cached oracle never judges a world it was not trained on."""
+    h = hashlib.sha256()
+    for i in range(count):
+        s = render_sample(0, i, size, two_object_prob=0.5)
+        h.update(s.image.tobytes() + s.caption.encode() + repr(s.attributes).encode())
+    return h.hexdigest()[:16]
+
+
 def load_or_train_oracle(size: int, config: OracleConfig, cache_dir: Path, log=print) -> CNNOracle:
     """The CNN oracle for this image size and recipe: from cache_dir if it was trained before, else trained now
     and saved there."""
-    key = hashlib.sha256(json.dumps({"size": size, **dataclasses.asdict(config)}, sort_keys=True).encode())
+    key = hashlib.sha256(json.dumps({"size": size, "data": data_fingerprint(size), **dataclasses.asdict(config)},
+                                    sort_keys=True).encode())
     path = Path(cache_dir) / f"oracle_{size}px_{key.hexdigest()[:12]}.pt"
     if path.exists():
         blob = torch.load(path, map_location="cpu", weights_only=True)

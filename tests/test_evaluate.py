@@ -211,6 +211,14 @@ def test_cnn_oracle_is_trained_once_and_cached(tmp_path):
     assert len(first(images)) == 4
 
 
+def test_cnn_oracle_cache_is_not_reused_when_the_shapes_world_changes(tmp_path, monkeypatch):
+    config = ev.OracleConfig(images=32, epochs=1, val_images=8)
+    ev.load_or_train_oracle(SIZE, config, tmp_path, log=lambda *a: None)
+    monkeypatch.setitem(data.SIZES, "small", data.SIZES["small"] - 0.02)     # e.g. data.py's sizes are edited
+    retrained = ev.load_or_train_oracle(SIZE, config, tmp_path, log=lambda *a: None)
+    assert not retrained.info["cached"] and len(list(tmp_path.glob("oracle_*.pt"))) == 2
+
+
 FAST = ["--batch-size", "4", "--log-every", "1", "--save-every", "2", "--sample-every", "1000", "--ema-start", "1",
         "--warmup", "1", "--no-progress", "--text-length", "16"]
 
