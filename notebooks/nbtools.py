@@ -37,8 +37,8 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("NOTEBOOK_THREADS", "1")))
 SMOKE = os.environ.get("NOTEBOOK_SMOKE", "") not in ("", "0")
 
-# Training when no run is given: a few minutes per stage on one CPU thread (scripts/demo.sh trains 600, 1,200 and
-# 2,500 steps, about 15 minutes on two threads). Smoke mode: a handful of steps on small batches.
+# Training when no run is given: a few minutes per stage on one CPU thread (scripts/demo.sh trains 600, 1,500 and
+# 1,400 steps, about 17 minutes on two threads). Smoke mode: a handful of steps on small batches.
 TRAIN_STEPS = {"a": 400, "b": 600, "c": 1200}
 SMOKE_STEPS = {"a": 3, "b": 3, "c": 3}
 SMOKE_FLAGS = ["--batch-size", "8", "--log-every", "1", "--cache-frozen", "false"]  # no feature cache to fill
