@@ -475,7 +475,7 @@ def stage_c_notebook():
         decodes it into pixels. `sample.generate` runs the chain; here it is taken apart, step by step.
 
         **Honest status.** The tiny models of this project draw the colour a prompt asks for about three times in
-        four, but its shape in only 15–33% of images, and its position and background no better than chance (the
+        four, but its shape in only 14–33% of images, and its position and background no better than chance (the
         README's Results: colour and shape both right for 0.15–0.32 of single-object prompts). Stage B's drawing of
         the form limits them at this size, not Stage C. Longer training and the `small` preset on a GPU are the next
         steps. The pictures below are what the tiny models make today; the chain itself is exact, and matches
