@@ -408,6 +408,10 @@ def _read_metadata(root: Path) -> dict[Path, str]:
     return captions
 
 
+class UndecodableFolder(RuntimeError):
+    """Every image of a folder failed to decode during a run, though their headers read at the start."""
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Captioned images under `root`, searched recursively: (image (3, size, size) float in [0, 1], caption).
 
@@ -477,4 +481,4 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 self.failed.add(i)
                 warnings.warn(f"image folder {self.root}: cannot decode {self.paths[i]} ({_first_line(e)}); using "
                               f"the next image instead ({len(self.failed)} failed so far)", stacklevel=2)
-        raise RuntimeError(f"image folder {self.root}: none of its {len(self.paths)} images can be decoded")
+        raise UndecodableFolder(f"image folder {self.root}: none of its {len(self.paths)} images can be decoded")

@@ -31,7 +31,7 @@ from tqdm import tqdm
 import stage_a
 import stage_b
 import stage_c
-from data import DEMO_PROMPTS, HELD_OUT_PAIRS, ImageFolderDataset, ShapesDataset
+from data import DEMO_PROMPTS, HELD_OUT_PAIRS, ImageFolderDataset, ShapesDataset, UndecodableFolder
 from sample import OneLineParser, device_value, encode_prompts, generate, load_stage, save_grid, valid_side
 from schedule import linear_timesteps, sample
 
@@ -585,8 +585,20 @@ def main(argv=None):
 
     def checkpoint():
         nonlocal saved_step
-        if not main_process:
-            return
+        error = None
+        if main_process:
+            error = save_checkpoint()
+        if world > 1:                     # every rank learns whether rank 0 saved, so that none waits for it forever
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
+            dist.broadcast(failed, 0)
+            if failed.item() and error is None:
+                raise SystemExit(f"error: rank {rank}: rank 0 could not save {ckpt_path} at step {step}; stopped")
+        if error is not None:
+            raise SystemExit(error)
+        saved_step = step
+
+    def save_checkpoint() -> str | None:
+        """Rank 0 writes the checkpoint; returns None, or the one-line error to stop with."""
         state = {
             "stage": args.stage, "step": step, "skipped": skipped,
             "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
@@ -603,13 +615,17 @@ def main(argv=None):
         except (OSError, RuntimeError) as e:      # torch reports a failed write (disk full) as a RuntimeError
             kept = f"the checkpoint of step {saved_step} is intact" if saved_step is not None else \
                 "the file there is left as it was" if ckpt_path.exists() else "no checkpoint has been written"
-            raise SystemExit(f"error: saving {ckpt_path} at step {step} failed ({first_line(e)}); {kept}") from None
-        saved_step = step
+            return f"error: saving {ckpt_path} at step {step} failed ({first_line(e)}); {kept}"
+        return None
 
     def write_grid():
         if main_process:
             images, captions, _ = batches(0)                              # the same images every time
-            save_grid(task.grid(ema, images[:8].to(device), captions[:8]), out / f"stage_{args.stage}_{step:06d}.png")
+            path = out / f"stage_{args.stage}_{step:06d}.png"
+            try:
+                save_grid(task.grid(ema, images[:8].to(device), captions[:8]), path)
+            except OSError as e:                  # a grid is for looking at: training goes on without it
+                bar.write(f"warning: cannot write the image grid {path} ({first_line(e)}); training goes on")
 
     def end_of_step():
         if step % train_cfg.save_every == 0 or step == train_cfg.steps:
@@ -617,7 +633,11 @@ def main(argv=None):
         if step % train_cfg.sample_every == 0 or step == train_cfg.steps:
             write_grid()
 
-    log = open_log(out / f"stage_{args.stage}.log.jsonl", step) if main_process else None
+    log_path = out / f"stage_{args.stage}.log.jsonl"
+    try:
+        log = open_log(log_path, step) if main_process else None
+    except OSError as e:
+        raise SystemExit(f"error: cannot write the log {log_path} ({first_line(e)})") from None
     bar = tqdm(total=train_cfg.steps, initial=step, disable=not main_process or args.no_progress,
                desc=f"stage {args.stage}", dynamic_ncols=True)
     model.train()
@@ -630,18 +650,28 @@ def main(argv=None):
         # activations would leave NaN in them for good: keep a copy to put back.
         buffers_before = [b.detach().clone() for b in buffers]
         total, parts_sum = 0.0, {}
-        for micro in range(train_cfg.grad_accum):
-            images, captions, indices = batches(step * train_cfg.grad_accum + micro)
-            images = images.to(device, non_blocking=True)
-            gen = step_generator(args.seed, step * train_cfg.grad_accum + micro, rank, device)
-            sync = micro == train_cfg.grad_accum - 1 or world == 1
-            with autocast, (nullcontext() if sync else loss_module.no_sync()):
-                loss, parts = task.loss(loss_module, images, captions, indices, gen, step)
-                scaler.scale(loss / train_cfg.grad_accum).backward()
-            total += loss.item() / train_cfg.grad_accum
-            for k, v in parts.items():
-                if v.dim() == 0:
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
+        try:
+            for micro in range(train_cfg.grad_accum):
+                images, captions, indices = batches(step * train_cfg.grad_accum + micro)
+                images = images.to(device, non_blocking=True)
+                gen = step_generator(args.seed, step * train_cfg.grad_accum + micro, rank, device)
+                sync = micro == train_cfg.grad_accum - 1 or world == 1
+                with autocast, (nullcontext() if sync else loss_module.no_sync()):
+                    loss, parts = task.loss(loss_module, images, captions, indices, gen, step)
+                    scaler.scale(loss / train_cfg.grad_accum).backward()
+                total += loss.item() / train_cfg.grad_accum
+                for k, v in parts.items():
+                    if v.dim() == 0:
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
+        except UndecodableFolder as e:            # no weight has changed this step: keep the steps done so far
+            with torch.no_grad():
+                for b, before in zip(buffers, buffers_before):
+                    b.copy_(before)
+            if step and step != saved_step:
+                checkpoint()
+            kept = f"the checkpoint of step {saved_step} is in {ckpt_path}" if saved_step is not None else \
+                "no checkpoint has been written"
+            raise SystemExit(f"error: {e}; stopped, and {kept}") from None
         if world > 1:                                                     # all ranks must agree to skip a step
             reduced = torch.tensor([total], device=device)
             dist.all_reduce(reduced)
@@ -688,11 +718,17 @@ def main(argv=None):
         update_ema(ema, model, step, train_cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
-        if main_process and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
-            log.write(json.dumps({"step": step, "loss": total, **parts_sum, "grad_norm": float(grad_norm),
-                                  "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
-                                  "time": round(time.time() - t0, 2)}) + "\n")
-            log.flush()
+        if log is not None and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
+            try:
+                log.write(json.dumps({"step": step, "loss": total, **parts_sum, "grad_norm": float(grad_norm),
+                                      "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
+                                      "time": round(time.time() - t0, 2)}) + "\n")
+                log.flush()
+            except OSError as e:                  # e.g. disk full: the checkpoints matter more than the log
+                bar.write(f"warning: cannot write the log {log_path} ({first_line(e)}); training goes on without it")
+                with contextlib.suppress(OSError):
+                    log.close()
+                log = None
         end_of_step()
     bar.close()
     if main_process:
@@ -720,4 +756,7 @@ def load_training_checkpoint(path: Path, stage: str) -> tuple[dict, object, Trai
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UndecodableFolder as e:                # before the first step, or while drawing a grid
+        raise SystemExit(f"error: {e}") from None

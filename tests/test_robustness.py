@@ -471,6 +471,90 @@ def test_a_failed_first_save_says_nothing_was_written(tmp_path, monkeypatch, cap
     assert message.endswith("no checkpoint has been written") and not (tmp_path / "stage_a.pt").exists()
 
 
+def test_ddp_stops_every_rank_when_rank_0_cannot_save(tmp_path):
+    """A folder where the checkpoint should go makes rank 0's first save fail. Rank 1 must stop too, with a line of
+    its own. (torchrun kills the other workers when one fails; a launcher that does not would leave rank 1 waiting
+    for rank 0 at the next step until gloo's 30-minute timeout.)"""
+    (tmp_path / "stage_a.pt").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           str(ROOT / "train.py"), *FAST_A, "--out", str(tmp_path), "--steps", "4"]
+    result = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert f"error: saving {tmp_path / 'stage_a.pt'} at step 2 failed" in out, out[-2000:]
+    assert "error: rank 1: rank 0 could not save" in out, out[-2000:]
+
+
+def captioned_folder(folder, n: int):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def test_a_folder_that_stops_decoding_keeps_the_steps_done(tmp_path, monkeypatch, capsys):
+    """Every image of the folder fails to decode from the fourth step on (as if the disk went away): the three
+    steps done are saved, though the last checkpoint was at step 2, and the error is one line."""
+    import data
+    folder = captioned_folder(tmp_path / "images", 4)
+    calls, real_load, real_call = [], data.load_image, train.Batches.__call__
+
+    def load_image(path, size):
+        if len(calls) > 4 + 3:                # 4 batches start the codebook (TaskA.prepare), then steps 0–2
+            raise OSError("image file is truncated")
+        return real_load(path, size)
+
+    def call(self, micro_step):
+        calls.append(micro_step)
+        return real_call(self, micro_step)
+
+    monkeypatch.setattr(data, "load_image", load_image)
+    monkeypatch.setattr(train.Batches, "__call__", call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                   # the per-image "cannot decode" lines
+        message = cli_error(train.main, [*FAST_A, "--out", str(tmp_path / "run"), "--data", str(folder),
+                                         "--steps", "6"], capsys)
+    path = tmp_path / "run" / "stage_a.pt"
+    assert message == f"error: image folder {folder}: none of its 4 images can be decoded; stopped, and the " \
+                      f"checkpoint of step 3 is in {path}", message
+    assert torch.load(path, weights_only=True)["step"] == 3
+
+
+class FullDiskLog:
+    """A log file that takes `lines` writes, then fails as a full disk would."""
+
+    def __init__(self, path, lines: int):
+        self.file, self.left = open(path, "a"), lines
+
+    def write(self, text):
+        if self.left == 0:
+            raise OSError(28, "No space left on device")
+        self.left -= 1
+        return self.file.write(text)
+
+    def flush(self):
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def test_unwritable_grid_and_log_warn_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    """A grid that cannot be written (a folder in its place) and a log on a full disk each give one warning; the
+    run still trains every step and writes its checkpoints."""
+    (tmp_path / "stage_a_000002.png").mkdir()
+    monkeypatch.setattr(train, "open_log", lambda path, step: FullDiskLog(path, 1))
+    train.main([*FAST_A, "--out", str(tmp_path), "--steps", "4", "--sample-every", "2"])
+    out = capsys.readouterr().out
+    assert out.count("warning: cannot write the image grid") == 1 and "stage_a_000002.png" in out, out
+    assert out.count("warning: cannot write the log") == 1 and "No space left on device" in out, out
+    assert (tmp_path / "stage_a_000004.png").is_file()
+    assert [json.loads(x)["step"] for x in (tmp_path / "stage_a.log.jsonl").read_text().splitlines()] == [1]
+    assert torch.load(tmp_path / "stage_a.pt", weights_only=True)["step"] == 4
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # SIGKILL at random moments
 # ----------------------------------------------------------------------------------------------------------------
