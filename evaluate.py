@@ -856,6 +856,8 @@ def parse_args(argv=None):
     p.add_argument("--stage-b", help="Stage B checkpoint (default RUN/stage_b.pt)")
     p.add_argument("--stage-c", help="Stage C checkpoint (default RUN/stage_c.pt)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoints")
+    p.add_argument("--no-generation", action="store_true",
+                   help="only the rows of Stage A and Stage A+B on real images (no Stage C checkpoint needed)")
     p.add_argument("--n", type=positive_int, default=200, help="prompts (half one-object, half two-object)")
     p.add_argument("--k", type=positive_int, default=4, help="images per prompt (any-of-k accuracy)")
     p.add_argument("--n-held-out", type=int, default=None, help="held-out-pair prompts (default n / 2; 0: none)")
@@ -914,17 +916,19 @@ def main(argv=None):
         return encoders[(spec, length)]
 
     try:                                    # checkpoint and text-encoder errors are one line, never a traceback
-        vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
-        enc_c, enc_b = text_encoder(prior), text_encoder(stage_b_model)
+        vqgan, stage_b_model = (load_stage(s, paths[s], device, args.weights) for s in "ab")
+        prior = None if args.no_generation else load_stage("c", paths["c"], device, args.weights)
+        enc_b = text_encoder(stage_b_model)
+        enc_c = None if prior is None else text_encoder(prior)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     decoder, compressor = stage_b_model.decoder, stage_b_model.compressor
-    side = args.size or getattr(prior, "train_side", None) or 64
+    side = args.size or getattr(prior if prior is not None else stage_b_model, "train_side", None) or 64
     if valid_side(side, decoder.config) != side:
         raise SystemExit(f"error: the decoder cannot make {side}² images; the next size it can make is "
                          f"{valid_side(side, decoder.config)} (pass --size)")
     n, k = args.n, args.k
-    n_held = (n // 2 if args.n_held_out is None else args.n_held_out) if args.held_out else 0
+    n_held = (n // 2 if args.n_held_out is None else args.n_held_out) if args.held_out and prior is not None else 0
     log(f"evaluate: {run} · {side} px · {n} prompts × {k} images (+ {n_held} held-out-pair prompts) · {device}")
 
     # --- prompts and their real images (seeds training does not use) ---
@@ -969,13 +973,14 @@ def main(argv=None):
     timings["stage A and A+B on real images"] = time.time() - t
 
     # --- text → image ---
-    t = time.time()
-    log(f"generating {n * k + n_held * k} images")
-    generated = generate_images(prior, decoder, vqgan, enc_c, enc_b, captions, k, side, args, device, 0, log)
-    if n_held:
-        generated_held = generate_images(prior, decoder, vqgan, enc_c, enc_b, captions_held, k, side, args, device,
-                                         700, log)
-    timings["generation"] = time.time() - t
+    if prior is not None:
+        t = time.time()
+        log(f"generating {n * k + n_held * k} images")
+        generated = generate_images(prior, decoder, vqgan, enc_c, enc_b, captions, k, side, args, device, 0, log)
+        if n_held:
+            generated_held = generate_images(prior, decoder, vqgan, enc_c, enc_b, captions_held, k, side, args,
+                                             device, 700, log)
+        timings["generation"] = time.time() - t
 
     # --- alignment ---
     t = time.time()
@@ -985,8 +990,9 @@ def main(argv=None):
     sets = [("real", "real images (ceiling)", real, requests, 1, counts),
             ("stage_a", "Stage A reconstructions", recon, requests, 1, counts),
             ("stage_ab", "Stage A+B from the semantic latent", decoded, requests, 1, counts),
-            ("shuffled", "real, shuffled captions (chance)", real, shuffled, 1, counts),
-            ("generated", "generated", generated, requests, k, counts)]
+            ("shuffled", "real, shuffled captions (chance)", real, shuffled, 1, counts)]
+    if prior is not None:
+        sets += [("generated", "generated", generated, requests, k, counts)]
     if n_held:
         sets += [("held_out_real", "held-out pairs: real", real_held, requests_held, 1, counts_held),
                  ("held_out_generated", "held-out pairs: generated", generated_held, requests_held, k, counts_held)]
@@ -1012,8 +1018,9 @@ def main(argv=None):
     ref = cnn.features(reference)
     compare = {"real images (floor)": (cnn.features(real), ref),
                "Stage A reconstructions": (cnn.features(recon), ref),
-               "Stage A+B from the semantic latent": (cnn.features(decoded), ref),
-               "generated (first image per prompt)": (cnn.features(first(generated, k)), ref)}
+               "Stage A+B from the semantic latent": (cnn.features(decoded), ref)}
+    if prior is not None:
+        compare["generated (first image per prompt)"] = (cnn.features(first(generated, k)), ref)
     if n_held:
         ref_held = cnn.features(reference_held)
         compare["held-out pairs: real (floor)"] = (cnn.features(real_held), ref_held)
@@ -1059,7 +1066,8 @@ def main(argv=None):
         reconstruction_table(reconstruction)] + warnings_)
     print(report)
     results = {
-        "run": str(run), "checkpoints": {s: str(paths[s]) for s in "abc"}, "weights": args.weights,
+        "run": str(run), "checkpoints": {s: str(paths[s]) for s in ("ab" if prior is None else "abc")},
+        "weights": args.weights,
         "settings": {"size": side, "prompts": n, "images_per_prompt": k, "held_out_prompts": n_held,
                      "held_out_pairs": sorted(list(p) for p in args.held_out), "seed": args.seed,
                      "eval_seed": EVAL_SEED, "reference_seed": REFERENCE_SEED,
@@ -1077,11 +1085,11 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     # what the numbers are about, for the first prompts: real, Stage A, Stage A+B, then the k generated images
     shown = min(n, 12)
-    save_grid([real[:shown], recon[:shown], decoded[:shown]] +
-              [generated[j::k][:shown] for j in range(k)], out.with_suffix(".png"))
+    generated_rows = [] if prior is None else [generated[j::k][:shown] for j in range(k)]
+    save_grid([real[:shown], recon[:shown], decoded[:shown]] + generated_rows, out.with_suffix(".png"))
     results["grid"] = {"path": str(out.with_suffix(".png")), "captions": captions[:shown],
                        "rows": ["real", "Stage A", "Stage A+B from the semantic latent"] +
-                               [f"generated {j + 1}" for j in range(k)]}
+                               [f"generated {j + 1}" for j in range(len(generated_rows))]}
     out.write_text(json.dumps(results, indent=1))
     log(f"\nresults: {out}, images of the first {shown} prompts: {out.with_suffix('.png')} "
         f"({time.time() - t_start:.0f} s)")

@@ -255,3 +255,21 @@ def test_command_line_end_to_end(tmp_path, capsys):
         assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert results["reconstruction"]["codebook"]["used"] >= 1
     assert results["settings"]["held_out_pairs"] == sorted(list(p) for p in ev.HELD_OUT_PAIRS)
+
+
+def test_no_generation_needs_no_stage_c(tmp_path, capsys):
+    """--no-generation: the Stage A and A+B rows of a run that has no Stage C checkpoint, and no generated rows."""
+    run = tmp_path / "run"
+    for stage in "ab":
+        train.main(["--stage", stage, "--out", str(run), "--steps", "2", *FAST])
+    capsys.readouterr()
+    out = tmp_path / "eval.json"
+    ev.main(["--run", str(run), "--no-generation", "--n", "6", "--decoder-steps", "2", "--bootstrap", "50",
+             "--oracle-images", "64", "--oracle-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+             "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "Stage A+B from the semantic latent" in printed and "generated" not in printed
+    results = json.loads(out.read_text())
+    assert set(results["alignment"]) == {"real", "stage_a", "stage_ab", "shuffled"}
+    assert set(results["checkpoints"]) == {"a", "b"} and results["settings"]["held_out_prompts"] == 0
+    assert results["grid"]["rows"] == ["real", "Stage A", "Stage A+B from the semantic latent"]
