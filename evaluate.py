@@ -17,7 +17,8 @@ shape, size and grid cell, and a background), and the scenes are scored against 
   distribution metrics.
 
 Both are checked on real held-out images (the ceiling), Stage A reconstructions and Stage A+B decodes from the
-semantic latent (what the decoders lose), and real images with shuffled captions (the chance floor).
+semantic latent (what the decoders lose), and real images with shuffled captions (the chance floor). With
+`--no-generation` only these rows are measured, so a Stage B can be judged before a Stage C is trained for it.
 
 Categories follow GenEval (Ghosh et al. 2023), mapped onto the caption grammar; the headline is their unweighted
 mean:
