@@ -159,6 +159,12 @@ def save_grid(rows: list[torch.Tensor], path, pad: int = 2):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def first_line(error: Exception) -> str:
+    """An exception's message cut to its first line (torch's can run to dozens), or its type if it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but an error is one line on stderr (exit status 2) instead of the usage block: the line itself
     names the bad value and what was expected, and --help has the rest."""
@@ -307,14 +313,22 @@ def main(argv=None):
     all_prompts = [p for p in prompts for _ in range(args.batch)]
     if args.compile:
         compile_models(prior, stage_b_model.decoder, vqgan)
-    with torch.inference_mode(), autocast:
-        text_c, text_c_uncond = encode_prompts(enc_c, prompts, device, repeat=args.batch)
-        text_b, text_b_uncond = encode_prompts(enc_b, prompts, device, repeat=args.batch)
-        timings = {}
-        images = generate(prior, stage_b_model.decoder, vqgan, text_c, text_c_uncond, text_b, text_b_uncond, made,
-                          made, prior_timesteps=prior_ts, decoder_timesteps=decoder_ts,
-                          prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
-                          generator=torch.Generator(device).manual_seed(args.seed), device=device, timings=timings)
+    try:
+        with torch.inference_mode(), autocast:
+            text_c, text_c_uncond = encode_prompts(enc_c, prompts, device, repeat=args.batch)
+            text_b, text_b_uncond = encode_prompts(enc_b, prompts, device, repeat=args.batch)
+            timings = {}
+            images = generate(prior, stage_b_model.decoder, vqgan, text_c, text_c_uncond, text_b, text_b_uncond,
+                              made, made, prior_timesteps=prior_ts, decoder_timesteps=decoder_ts,
+                              prior_guidance=args.prior_guidance, decoder_guidance=args.decoder_guidance,
+                              generator=torch.Generator(device).manual_seed(args.seed), device=device,
+                              timings=timings)
+    except RuntimeError as e:             # torch.OutOfMemoryError on CUDA; the CPU allocator raises RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and not any(
+                words in str(e) for words in ("out of memory", "not enough memory", "can't allocate memory")):
+            raise
+        raise SystemExit(f"error: out of memory on {device} making {len(all_prompts)} images of {made}×{made} "
+                         f"({first_line(e)}); expected a smaller --size or --batch") from None
     out = Path(args.out) if args.out else run / "samples"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ import stage_a
 import stage_b
 import stage_c
 from data import DEMO_PROMPTS, HELD_OUT_PAIRS, ImageFolderDataset, ShapesDataset, UndecodableFolder
-from sample import OneLineParser, device_value, encode_prompts, generate, load_stage, save_grid, valid_side
+from sample import (OneLineParser, device_value, encode_prompts, first_line, generate, load_stage, save_grid,
+                    valid_side)
 from schedule import linear_timesteps, sample
 
 STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
@@ -326,11 +327,6 @@ def one_line(fn, *args):
         return fn(*args)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:

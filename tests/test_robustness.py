@@ -140,6 +140,35 @@ def test_sample_unwritable_output(run, tmp_path, capsys):
     assert f"cannot write the images to {tmp_path / 'file' / 'out'}" in message
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                 "allocate 40000000000 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.00 GiB."),
+])
+def test_sample_out_of_memory_is_one_line(run, tmp_path, monkeypatch, capsys, error):
+    """A size or batch too large for the machine: the allocator's error becomes one line that says what to change.
+    (A real 200,000² request could succeed in part and thrash a CI machine, so the allocator's failure is injected
+    at the point where generation starts.)"""
+    def generate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sample, "generate", generate)
+    message = cli_error(sample.main, ["a red circle", "--run", str(run), "--size", "96", "--batch", "3",
+                                      "--out", str(tmp_path)], capsys)
+    assert message.startswith("error: out of memory on cpu making 3 images of 96×96 (") and \
+        message.endswith("expected a smaller --size or --batch"), message
+
+
+def test_sample_other_runtime_errors_are_not_called_memory(run, tmp_path, monkeypatch):
+    """Only memory errors are rewritten: any other failure inside generation is a bug, and keeps its traceback."""
+    def generate(*args, **kwargs):
+        raise RuntimeError("unsupported memory format option: Preserve")
+
+    monkeypatch.setattr(sample, "generate", generate)
+    with pytest.raises(RuntimeError, match="unsupported memory format"):
+        sample.main(["a red circle", "--run", str(run), "--out", str(tmp_path)])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # sample.py: checkpoints
 # ----------------------------------------------------------------------------------------------------------------
