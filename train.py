@@ -639,11 +639,17 @@ def main(argv=None):
     model.train()
     bad_in_a_row, t0 = 0, time.time()
     buffers = list(model.buffers()) + (list(task.disc.buffers()) if disc_opt is not None else [])
+
+    @torch.no_grad()
+    def restore_buffers(saved):
+        for b, before in zip(buffers, saved):
+            b.copy_(before)
+
     while step < train_cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
-        # The forward pass updates BatchNorm statistics even on a step that gets skipped, and a batch with NaN
-        # activations would leave NaN in them for good: keep a copy to put back.
+        # The forward pass updates BatchNorm statistics even on a step that gets skipped or cut short, and a batch
+        # with NaN activations would leave NaN in them for good: keep a copy to put back.
         buffers_before = [b.detach().clone() for b in buffers]
         total, parts_sum = 0.0, {}
         try:
@@ -660,9 +666,7 @@ def main(argv=None):
                     if v.dim() == 0:
                         parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
         except UndecodableFolder as e:            # no weight has changed this step: keep the steps done so far
-            with torch.no_grad():
-                for b, before in zip(buffers, buffers_before):
-                    b.copy_(before)
+            restore_buffers(buffers_before)
             if step and step != saved_step:
                 checkpoint()
             kept = f"the checkpoint of step {saved_step} is in {ckpt_path}" if saved_step is not None else \
@@ -681,9 +685,7 @@ def main(argv=None):
             finite = scaler.is_enabled() or math.isfinite(grad_norm)
         if not finite:                                                    # skip the step, keep the weights
             opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, before in zip(buffers, buffers_before):
-                    b.copy_(before)
+            restore_buffers(buffers_before)
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             if bad_in_a_row >= train_cfg.max_bad_steps:
                 kept = f"the last good checkpoint, of step {saved_step}, is kept" if saved_step is not None else \
