@@ -57,8 +57,8 @@ import torch.nn.functional as F
 
 from data import (BACKGROUNDS, COLOURS, FILL_RATIO, HELD_OUT_PAIRS, POSITIONS, RELATIONS, SHAPES, SIZES,
                   TRIANGLE_HEIGHT, _STAR_HEIGHT, render_sample)
-from sample import (encode_prompts, generate, guidance_value, latent_sizes, load_stage, positive_int, save_grid,
-                    valid_side)
+from sample import (encode_prompts, generate, guidance_value, latent_sizes, load_stage, positive_int, run_paths,
+                    save_grid, valid_side)
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from schedule import sample as sample_loop
 
@@ -852,10 +852,11 @@ def held_out_pairs(text: str) -> frozenset:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Measure a Würstchen run on the built-in shapes: prompt alignment "
                                             "(two oracles), reconstruction, and distribution metrics.")
-    p.add_argument("--run", default="runs/tiny", help="folder with train.py's stage_a/b/c.pt")
-    p.add_argument("--stage-a", help="Stage A checkpoint (default RUN/stage_a.pt)")
-    p.add_argument("--stage-b", help="Stage B checkpoint (default RUN/stage_b.pt)")
-    p.add_argument("--stage-c", help="Stage C checkpoint (default RUN/stage_c.pt)")
+    p.add_argument("--run", default="runs/tiny",
+                   help="folder with train.py's stage_a/b/c.pt or exported .safetensors (weights/shapes: the shipped)")
+    p.add_argument("--stage-a", help="Stage A checkpoint (default RUN/stage_a.pt or .safetensors)")
+    p.add_argument("--stage-b", help="Stage B checkpoint (default RUN/stage_b.pt or .safetensors)")
+    p.add_argument("--stage-c", help="Stage C checkpoint (default RUN/stage_c.pt or .safetensors)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of the checkpoints")
     p.add_argument("--no-generation", action="store_true",
                    help="only the rows of Stage A and Stage A+B on real images (no Stage C checkpoint needed)")
@@ -903,7 +904,6 @@ def main(argv=None):
     t_start, timings = time.time(), {}
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     run = Path(args.run)
-    paths = {s: Path(getattr(args, f"stage_{s}") or run / f"stage_{s}.pt") for s in "abc"}
 
     encoders = {}                           # Stages B and C usually share one: load it once
 
@@ -917,6 +917,7 @@ def main(argv=None):
         return encoders[(spec, length)]
 
     try:                                    # checkpoint and text-encoder errors are one line, never a traceback
+        paths = run_paths(run, {s: getattr(args, f"stage_{s}") for s in "abc"})
         vqgan, stage_b_model = (load_stage(s, paths[s], device, args.weights) for s in "ab")
         prior = None if args.no_generation else load_stage("c", paths["c"], device, args.weights)
         enc_b = text_encoder(stage_b_model)

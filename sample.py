@@ -1,5 +1,6 @@
 """Text → image with the three stages: Stage C → Stage B → Stage A (Würstchen, arXiv 2306.00637, Fig. 2).
 
+    python sample.py "a red star on the left"                     # the shipped weights (weights/shapes/)
     python sample.py "a small red circle at the top left" --run runs/tiny
     python sample.py "an astronaut" --stage-c wuerstchen-prior/prior --stage-b wuerstchen/decoder \\
         --stage-a wuerstchen/vqgan --text-encoder-c wuerstchen-prior --text-encoder-b wuerstchen --size 1024
@@ -11,9 +12,12 @@
 
 `generate` follows the released diffusers pipelines step for step, random draws included, so that the same seed
 gives the same image as `WuerstchenCombinedPipeline` (tests/test_pipeline_parity.py). Checkpoints are those that
-train.py writes (EMA weights by default) or the published ones (official .pt or diffusers folders).
+train.py writes (EMA weights by default), the shipped ones that scripts/export_weights.py wrote, or the published
+ones (official .pt or diffusers folders).
 """
 import argparse
+import hashlib
+import json
 import math
 import sys
 import time
@@ -38,32 +42,150 @@ STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
 def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
     """Stage A → StageA, B → StageB (compressor + decoder), C → Prior, in eval mode.
 
-    A train.py checkpoint (it records its stage and config) gives its EMA weights by default; anything else goes to
-    the stage's `load_pretrained`, which reads the official .pt files and diffusers folders.
+    A train.py checkpoint (it records its stage and config) gives its EMA weights by default; a .safetensors file
+    that export_weights.py wrote (weights/shapes/) gives the EMA weights it holds, after its SHA-256 is checked
+    against the SHA256SUMS beside it; anything else goes to the stage's `load_pretrained`, which reads the official
+    .pt files and diffusers folders.
     """
     module, path = STAGES[stage], Path(path)
     if path.is_file() and path.suffix == ".pt":
         ckpt = module._read_checkpoint(path)
         if "stage" in ckpt and "config" in ckpt:                          # written by train.py
-            if ckpt["stage"] != stage:
-                raise module.CheckpointError(f"checkpoint {path} is a stage {str(ckpt['stage']).upper()} checkpoint; "
-                                             f"expected stage {stage.upper()}")
             if not isinstance(ckpt.get(weights), dict) or not isinstance(ckpt["config"], dict):
                 raise module.CheckpointError(f"checkpoint {path}: a train.py checkpoint without its '{weights}' "
                                              f"weights or config; expected both (damaged or edited by hand?)")
-            config = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
-            try:
-                model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config(**ckpt["config"]))
-            except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise module.CheckpointError(f"checkpoint {path}: its config does not build a Stage {stage.upper()} "
-                                             f"({reason})") from None
-            module._load_strict(model, ckpt[weights], f"stage {stage.upper()} ({weights} weights)", path)
-            model.text_encoder_spec = (ckpt.get("text_encoder"), ckpt.get("text_length"))
-            model.train_side = ckpt.get("train", {}).get("image_size")
-            return model.to(device).eval()
+            return _build_stage(stage, path, ckpt["stage"], ckpt["config"], ckpt[weights], weights,
+                                (ckpt.get("text_encoder"), ckpt.get("text_length")),
+                                ckpt.get("train", {}).get("image_size")).to(device).eval()
         del ckpt                                  # an official .pt: free it before load_pretrained reads it again
+    if path.suffix == ".safetensors" and (info := exported_info(path)) is not None:
+        verify_weights(path.parent, [path.name])   # against SHA256SUMS, before a byte of it is used
+        state = module._read_checkpoint(path)
+        return _build_stage(stage, path, info.get("stage"), info.get("config"), state, "ema",
+                            (info.get("text_encoder"), info.get("text_length")),
+                            info.get("image_size")).to(device).eval()
     return module.load_pretrained(path, device=device)
+
+
+def _build_stage(stage: str, path: Path, saved_stage, config, state: dict, weights: str, text_encoder_spec,
+                 train_side):
+    """The model of a train.py checkpoint or an exported file: its config, its weights loaded strictly."""
+    module = STAGES[stage]
+    if saved_stage != stage:
+        raise module.CheckpointError(f"checkpoint {path} is a stage {str(saved_stage).upper()} checkpoint; "
+                                     f"expected stage {stage.upper()}")
+    if not isinstance(config, dict):
+        raise module.CheckpointError(f"checkpoint {path}: its config is a {type(config).__name__}; expected a dict")
+    config_class = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
+    try:
+        config = config_class(**{k: tuple(_tuples(v)) if isinstance(v, list) else v for k, v in config.items()})
+        model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config)
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise module.CheckpointError(f"checkpoint {path}: its config does not build a Stage {stage.upper()} "
+                                     f"({reason})") from None
+    module._load_strict(model, state, f"stage {stage.upper()} ({weights} weights)", path)
+    model.text_encoder_spec = tuple(text_encoder_spec)
+    model.train_side = train_side
+    return model
+
+
+def _tuples(value):
+    """JSON turns a config's tuples into lists; back into tuples, nested ones too (a frozen dataclass hashes them)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped weights (weights/shapes/): safetensors files, each checked against a SHA256SUMS manifest
+# ----------------------------------------------------------------------------------------------------------------
+SHIPPED = Path(__file__).resolve().parent / "weights" / "shapes"
+MANIFEST = "SHA256SUMS"           # `sha256sum` format: "<hex>  <file name>" per line; `sha256sum -c` reads it too
+METADATA_KEY = "wuerstchen"       # the one metadata entry of an exported file: safetensors writes a metadata map of
+                                  # several keys in a random order, which would change the file's SHA-256 per export
+
+
+class WeightsError(ValueError):
+    """A weight file that is missing or is not the one its manifest names. The message is one line."""
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder) -> dict:
+    """{file name: SHA-256} from FOLDER/SHA256SUMS, or {} if there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return {}
+    entries = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or len(parts[0]) != 64:
+            raise WeightsError(f"{path}, line {number}: {line.strip()[:60]!r}; expected '<64 hex digits>  <file>'")
+        entries[parts[1].lstrip("*")] = parts[0].lower()
+    return entries
+
+
+def verify_weights(folder, names=None):
+    """Checks the files that FOLDER/SHA256SUMS lists (or only `names`, where listed) before any of them loads: a
+    missing, truncated or altered file is one line naming it and the SHA-256 it should have. The shipped folder
+    must have its manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if not manifest and folder.resolve() == SHIPPED:
+        raise WeightsError(f"{folder / MANIFEST}: missing; the shipped weights are checked against it "
+                           f"(git checkout -- {folder} restores the folder)")
+    for name, expected in manifest.items():
+        if names is not None and name not in names:
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise WeightsError(f"{path}: missing; expected the file with SHA-256 {expected}")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise WeightsError(f"{path}: damaged or altered ({path.stat().st_size:,} bytes, SHA-256 {actual[:12]}…); "
+                               f"expected SHA-256 {expected}")
+
+
+def exported_info(path) -> dict | None:
+    """What export_weights.py recorded in a .safetensors file (stage, config, text encoder, image size), or None
+    for other safetensors files (a diffusers model's). Reads only the header."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:                     # unreadable: verify_weights or _read_checkpoint says why, in one line
+        metadata = {}
+        if Path(path).is_file() and (Path(path).parent / MANIFEST).is_file():
+            verify_weights(Path(path).parent, [Path(path).name])
+    if METADATA_KEY not in metadata:
+        return None
+    return json.loads(metadata[METADATA_KEY])
+
+
+def run_paths(run, given: dict | None = None) -> dict:
+    """{stage: checkpoint path} of a run folder: given[stage] where set, else RUN/stage_x.pt (train.py's), else
+    RUN/stage_x.safetensors (exported, as in weights/shapes/). A folder with a SHA256SUMS is checked in full
+    first, so that a damaged file stops the run before any stage loads."""
+    run, given = Path(run), given or {}
+    listed, paths = read_manifest(run), {}
+    for s in "abc":
+        if given.get(s):
+            paths[s] = Path(given[s])
+            continue
+        pt, exported = run / f"stage_{s}.pt", run / f"stage_{s}.safetensors"
+        if pt.exists() and exported.exists():
+            raise WeightsError(f"{run} holds both {pt.name} and {exported.name}; expected one Stage {s.upper()}")
+        paths[s] = exported if not pt.exists() and (exported.exists() or exported.name in listed) else pt
+    if not all(given.get(s) for s in "abc") and ((run / MANIFEST).exists() or run.resolve() == SHIPPED):
+        verify_weights(run)
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,13 +313,19 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+MAX_GUIDANCE = 10_000.0   # far beyond any useful scale (released: 4), and finite in fp32 and bf16 times any
+                          # prediction difference; 1e308 passes as a double but is inf as a float, and ended in
+                          # a traceback
+
+
 def guidance_value(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number ≥ 0") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text}: expected a finite guidance scale ≥ 0 (it is on for values > 1)")
+    if not 0 <= value <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(f"{text}: expected a finite guidance scale ≥ 0 and ≤ {MAX_GUIDANCE:g} (it "
+                                         f"is on for values > 1; released: 4)")
     return value
 
 
@@ -229,7 +357,9 @@ def parse_args(argv=None):
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     p.add_argument("prompts", nargs="*", help="captions to draw")
     p.add_argument("--demo-prompts", action="store_true", help="also draw the fixed demo prompts (data.DEMO_PROMPTS)")
-    p.add_argument("--run", default="runs/tiny", help="folder with train.py's stage_a/b/c.pt")
+    p.add_argument("--run", default=None,
+                   help="folder with train.py's stage_a/b/c.pt or exported .safetensors (default: the shipped\n"
+                        "weights, weights/shapes/, trained on the built-in shapes)")
     p.add_argument("--stage-a", help="Stage A checkpoint: train.py .pt, vqgan_f4_v1_500k.pt or a diffusers vqgan/")
     p.add_argument("--stage-b", help="Stage B checkpoint: train.py .pt, model_v2_stage_b.pt or a diffusers decoder/")
     p.add_argument("--stage-c", help="Stage C checkpoint: train.py .pt, model_v3_stage_c.pt or a diffusers prior/")
@@ -251,7 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models: pays off over many images, not for one (see compile_models)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/samples)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/samples; out/ for the shipped weights)")
     args = p.parse_args(argv)
     if args.prior_steps and args.prior_timesteps is not None:
         p.error("give --prior-steps or --prior-timesteps, not both")
@@ -271,8 +401,7 @@ def main(argv=None):
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    run = Path(args.run)
-    paths = {s: getattr(args, f"stage_{s}") or run / f"stage_{s}.pt" for s in "abc"}
+    run = Path(args.run) if args.run else SHIPPED
 
     def text_encoder(flag, model):
         from text import TextEncoder      # imports transformers (seconds): not before the checks that need none
@@ -284,6 +413,7 @@ def main(argv=None):
         return TextEncoder.from_name_or_path(spec, **({"max_length": length} if length else {})).to(device)
 
     try:                                    # checkpoint and text-encoder errors are one line, never a traceback
+        paths = run_paths(run, {s: getattr(args, f"stage_{s}") for s in "abc"})
         vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
         enc_c = text_encoder(args.text_encoder_c, prior)
         enc_b = text_encoder(args.text_encoder_b, stage_b_model)
@@ -329,7 +459,7 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory on {device} making {len(all_prompts)} images of {made}×{made} "
                          f"({first_line(e)}); expected a smaller --size or --batch") from None
-    out = Path(args.out) if args.out else run / "samples"
+    out = Path(args.out) if args.out else (Path("out") if run.resolve() == SHIPPED else run / "samples")
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, (img, prompt) in enumerate(zip(images, all_prompts)):

@@ -1,0 +1,69 @@
+"""Export a train.py run's EMA weights as safetensors files with a SHA256SUMS manifest: the shipped weights' format.
+
+    python scripts/export_weights.py --run runs/shipped --to weights/shapes
+
+Each stage becomes `stage_x.safetensors`: its EMA weights in fp32 and one metadata entry (sample.METADATA_KEY) with
+what sample.load_stage needs to rebuild the model (stage, config, text encoder, training image size). Only weights
+are kept, not the optimizer or the discriminator, so the files are small and load with no code run. The same run
+gives the same bytes: tensors are written in name order and the metadata as sorted JSON. Each file is reloaded and
+compared with the checkpoint's EMA weights before the manifest is written.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import sample  # noqa: E402  (the project's root, added above)
+from sample import MANIFEST, METADATA_KEY, STAGES, file_sha256, load_stage  # noqa: E402
+
+
+def export_stage(stage: str, checkpoint: Path, target: Path) -> None:
+    """One train.py checkpoint's EMA weights → TARGET (.safetensors), written atomically."""
+    model = load_stage(stage, checkpoint)                    # checks that the checkpoint builds its model
+    ckpt = STAGES[stage]._read_checkpoint(checkpoint)
+    info = {"stage": stage, "config": dataclasses.asdict(model.config), "step": int(ckpt.get("step", 0)),
+            "text_encoder": model.text_encoder_spec[0], "text_length": model.text_encoder_spec[1],
+            "image_size": model.train_side}
+    # clone(): safetensors refuses tensors that share storage, which a state dict's views can
+    tensors = {name: value.detach().to(torch.float32).contiguous().clone()
+               for name, value in sorted(model.state_dict().items())}
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
+    os.replace(tmp, target)
+    reloaded = load_stage(stage, target)
+    for name, value in model.state_dict().items():
+        if not torch.equal(reloaded.state_dict()[name], value.float()):
+            raise SystemExit(f"error: {target}: {name} differs from {checkpoint}'s EMA weights after export")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="runs/shipped", help="folder with train.py's stage_a/b/c.pt")
+    p.add_argument("--to", default=str(sample.SHIPPED), help="folder to write the .safetensors files and SHA256SUMS")
+    args = p.parse_args(argv)
+    run, to = Path(args.run), Path(args.to)
+    to.mkdir(parents=True, exist_ok=True)
+    (to / MANIFEST).unlink(missing_ok=True)       # stale hashes must not vouch for the new files while they change
+    lines = []
+    for stage in "abc":
+        target = to / f"stage_{stage}.safetensors"
+        try:
+            export_stage(stage, run / f"stage_{stage}.pt", target)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        lines.append(f"{file_sha256(target)}  {target.name}")
+        print(f"{target}: {target.stat().st_size:,} bytes, SHA-256 {lines[-1].split()[0]}")
+    tmp = to / f".{MANIFEST}.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, to / MANIFEST)
+    print(f"manifest: {to / MANIFEST}")
+
+
+if __name__ == "__main__":
+    main()

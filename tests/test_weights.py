@@ -1,0 +1,166 @@
+"""The shipped weights (weights/shapes/) and their format: safetensors files checked against SHA256SUMS.
+
+- scripts/export_weights.py turns a train.py run into the format, byte for byte the same each time, and the files
+  load to exactly the checkpoints' EMA weights;
+- a missing, truncated or altered file is one line naming it and its expected SHA-256, before any stage loads;
+- sample.py with no --run uses the shipped weights, which are whole, small, and built from the tiny preset;
+- Stage C trains on exported Stages A and B (what scripts/demo.sh does) and samples from the mixed folder.
+"""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import stage_a
+import stage_b
+import stage_c
+import train
+from conftest import ROOT
+from test_train_sample import FAST
+
+EXPORT = ROOT / "scripts" / "export_weights.py"
+SAMPLE_FLAGS = ["--prior-steps", "3", "--decoder-steps", "2", "--seed", "3"]
+
+
+def export(run, to):
+    result = subprocess.run([sys.executable, str(EXPORT), "--run", str(run), "--to", str(to)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(train.py run, its export): three stages of 2 steps each."""
+    run, to = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("exported")
+    for stage in "abc":
+        train.main(["--stage", stage, "--out", str(run), "--steps", "2", *FAST])
+    export(run, to)
+    return run, to
+
+
+def state(model):
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def test_export_loads_the_ema_weights_exactly_and_is_byte_stable(exported, tmp_path):
+    run, to = exported
+    for s in "abc":
+        ours, theirs = sample.load_stage(s, run / f"stage_{s}.pt"), sample.load_stage(s, to / f"stage_{s}.safetensors")
+        assert ours.config == theirs.config
+        assert ours.text_encoder_spec == theirs.text_encoder_spec == ("minilm", 16)
+        assert ours.train_side == theirs.train_side == 64
+        a, b = state(ours), state(theirs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    export(run, tmp_path)                        # a second export of the same run: the same bytes, the same hashes
+    assert (tmp_path / sample.MANIFEST).read_text() == (to / sample.MANIFEST).read_text()
+    assert len(sample.read_manifest(to)) == 3
+
+
+def test_sampling_from_the_export_matches_the_run(exported, tmp_path):
+    run, to = exported
+    for name, folder in (("pt", run), ("exported", to)):
+        sample.main(["a red circle", "--run", str(folder), *SAMPLE_FLAGS, "--out", str(tmp_path / name)])
+    a, b = (np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("pt", "exported"))
+    assert np.array_equal(a, b)
+
+
+def damage(path, how):
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:                                        # one byte of the weights flipped: still a readable safetensors file
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "altered"])
+@pytest.mark.parametrize("stage", ["a", "c"])
+def test_a_damaged_file_is_one_line_and_nothing_loads(exported, tmp_path, monkeypatch, capsys, how, stage):
+    _, to = exported
+    folder = tmp_path / "weights"
+    shutil.copytree(to, folder)
+    target = folder / f"stage_{stage}.safetensors"
+    expected = sample.read_manifest(folder)[target.name]
+    damage(target, how)
+    loaded = []
+    real_load = sample.load_stage
+    monkeypatch.setattr(sample, "load_stage", lambda *a, **k: loaded.append(a[0]) or real_load(*a, **k))
+    with pytest.raises(SystemExit) as info:
+        sample.main(["a red circle", "--run", str(folder), *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
+    message = str(info.value)
+    assert message.startswith(f"error: {target}: ") and expected in message and "\n" not in message
+    assert ("missing" if how == "missing" else "damaged or altered") in message
+    assert loaded == [], "a stage loaded before the damaged file was found"
+    with pytest.raises(sample.WeightsError, match=expected):   # loading the one file by its path is checked too
+        if how != "missing":
+            real_load(stage, target)
+        else:
+            sample.verify_weights(folder)
+
+
+def test_the_shipped_folder_needs_its_manifest(exported, tmp_path, monkeypatch):
+    _, to = exported
+    folder = tmp_path / "shipped"
+    shutil.copytree(to, folder)
+    (folder / sample.MANIFEST).unlink()
+    monkeypatch.setattr(sample, "SHIPPED", folder.resolve())
+    with pytest.raises(SystemExit, match=f"{sample.MANIFEST}: missing"):
+        sample.main(["a red circle", *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
+
+
+def test_a_folder_with_both_formats_of_a_stage_is_refused(exported, tmp_path):
+    run, to = exported
+    shutil.copytree(run, tmp_path / "both")
+    shutil.copy(to / "stage_b.safetensors", tmp_path / "both")
+    with pytest.raises(sample.WeightsError, match="both stage_b.pt and stage_b.safetensors"):
+        sample.run_paths(tmp_path / "both")
+
+
+def test_stage_c_trains_on_exported_stages_a_and_b(exported, tmp_path):
+    """scripts/demo.sh: the shipped A and B with their manifest lines in the run folder, Stage C trained there."""
+    _, to = exported
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    for s in "ab":
+        shutil.copy(to / f"stage_{s}.safetensors", folder)
+    lines = [line for line in (to / sample.MANIFEST).read_text().splitlines() if "stage_c" not in line]
+    (folder / sample.MANIFEST).write_text("\n".join(lines) + "\n")
+    train.main(["--stage", "c", "--out", str(folder), "--steps", "2", *FAST])
+    assert sample.run_paths(folder) == {"a": folder / "stage_a.safetensors", "b": folder / "stage_b.safetensors",
+                                        "c": folder / "stage_c.pt"}
+    sample.main(["a red circle", "--run", str(folder), *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "grid.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shipped weights themselves
+# ----------------------------------------------------------------------------------------------------------------
+def test_the_shipped_weights_are_whole_small_and_the_tiny_preset():
+    manifest = sample.read_manifest(sample.SHIPPED)
+    assert sorted(manifest) == ["stage_a.safetensors", "stage_b.safetensors", "stage_c.safetensors"]
+    sample.verify_weights(sample.SHIPPED)
+    assert sum((sample.SHIPPED / name).stat().st_size for name in manifest) <= 10 * 2 ** 20
+    for s, module in (("a", stage_a), ("b", stage_b), ("c", stage_c)):
+        info = sample.exported_info(sample.SHIPPED / f"stage_{s}.safetensors")
+        assert info["stage"] == s and info["image_size"] == 64 and info["text_encoder"] == "minilm"
+        model = sample.load_stage(s, sample.SHIPPED / f"stage_{s}.safetensors")
+        assert model.config == module.PRESETS["tiny"], f"stage {s}: not the tiny preset that the card's command uses"
+        assert info["step"] == train.TRAIN_PRESETS["tiny"][s].steps
+    card = (sample.SHIPPED / "README.md").read_text()
+    for name, sha in manifest.items():
+        assert sha in card, f"the model card does not give {name}'s SHA-256"
+
+
+def test_sample_without_run_uses_the_shipped_weights(tmp_path, capsys):
+    sample.main(["a red star on the left", "--out", str(tmp_path)])
+    assert "64×64" in capsys.readouterr().out
+    image = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert image.shape == (68, 68, 3) and image.std() > 10        # a picture, not a flat canvas
+
