@@ -118,6 +118,7 @@ def test_paper_sizes_round_up_to_multiples_of_128():
     (["--size", "0"], "--size: '0': expected a positive integer"),
     (["--prior-guidance", "-0.5"], "--prior-guidance: -0.5: expected a finite guidance scale ≥ 0"),
     (["--decoder-guidance", "inf"], "--decoder-guidance: inf: expected a finite guidance scale ≥ 0"),
+    (["--prior-guidance", "1e308"], "--prior-guidance: 1e308: expected a finite guidance scale ≥ 0 and ≤ 10000"),
     (["--prior-timesteps", "1,a,0"], "'1,a,0': expected numbers separated by commas"),
     (["--prior-timesteps", ""], "'': expected numbers separated by commas"),
     (["--decoder-timesteps", "1,,0"], "'1,,0': expected numbers separated by commas"),
