@@ -87,7 +87,7 @@ import evaluate as ev
 import stage_a
 import stage_b
 import stage_c
-from sample import encode_prompts, load_stage, save_grid
+from sample import encode_prompts, load_stage, run_paths, save_grid
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from schedule import sample as sample_loop
 from train import (TRAIN_PRESETS, Batches, FrozenFeatures, TrainConfig, atomic_save, autocast_for, learning_rate,
@@ -636,9 +636,10 @@ def parse_args(argv=None):
                                             "baselines on Stage A's latent, alignment and KID-oracle vs FLOPs.")
     p.add_argument("--scale", choices=sorted(SCALES), default="smoke", help="smoke (CPU) or gpu (one GPU)")
     p.add_argument("--dry-run", action="store_true", help="the scale's models and code path at micro sizes")
-    p.add_argument("--run", help="folder with train.py's stage_a.pt and stage_b.pt (else they are trained first)")
-    p.add_argument("--stage-a", help="Stage A checkpoint (default RUN/stage_a.pt)")
-    p.add_argument("--stage-b", help="Stage B checkpoint (default RUN/stage_b.pt)")
+    p.add_argument("--run", help="folder with Stage A and B: train.py's .pt or exported .safetensors, e.g.\n"
+                                 "weights/shapes (else they are trained first)")
+    p.add_argument("--stage-a", help="Stage A checkpoint (default RUN/stage_a.pt or .safetensors)")
+    p.add_argument("--stage-b", help="Stage B checkpoint (default RUN/stage_b.pt or .safetensors)")
     p.add_argument("--baselines", help="comma-separated LDM arms (default: the scale's, ldm-prior,ldm-unet); "
                                        f"{RULE['primary_baseline']} is always run, as the rule needs it")
     p.add_argument("--out", help="output folder (default runs/efficiency/SCALE)")
@@ -663,8 +664,11 @@ def autoencoders(args, scale: Scale, out: Path, log) -> tuple[Path, Path]:
     """Stage A and B checkpoints: given, or trained now with train.py at the tiny preset (kept in OUT/autoencoders,
     so a second run reuses them)."""
     if args.run or (args.stage_a and args.stage_b):
-        run = Path(args.run or ".")
-        return Path(args.stage_a or run / "stage_a.pt"), Path(args.stage_b or run / "stage_b.pt")
+        try:                                        # .pt or exported .safetensors, checked against a SHA256SUMS
+            paths = run_paths(args.run or ".", {"a": args.stage_a, "b": args.stage_b}, stages="ab")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        return paths["a"], paths["b"]
     import train
     folder = out / "autoencoders"
     for stage, flags in (("a", scale.stage_a_flags), ("b", scale.stage_b_flags)):

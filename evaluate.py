@@ -57,8 +57,8 @@ import torch.nn.functional as F
 
 from data import (BACKGROUNDS, COLOURS, FILL_RATIO, HELD_OUT_PAIRS, POSITIONS, RELATIONS, SHAPES, SIZES,
                   TRIANGLE_HEIGHT, _STAR_HEIGHT, render_sample)
-from sample import (encode_prompts, generate, guidance_value, latent_sizes, load_stage, positive_int, run_paths,
-                    save_grid, valid_side)
+from sample import (SHIPPED, encode_prompts, generate, guidance_value, latent_sizes, load_stage, positive_int,
+                    run_paths, save_grid, valid_side)
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from schedule import sample as sample_loop
 
@@ -878,7 +878,8 @@ def parse_args(argv=None):
     p.add_argument("--oracle-images", type=positive_int, default=OracleConfig.images,
                    help="renders the CNN oracle trains on")
     p.add_argument("--oracle-epochs", type=positive_int, default=OracleConfig.epochs, help="its epochs")
-    p.add_argument("--json", help="where to write the results (default RUN/eval.json)")
+    p.add_argument("--json", help="where to write the results (default RUN/eval.json; runs/eval_shipped.json for "
+                                  "weights/shapes)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (the oracles run on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="print the tables only")
@@ -917,7 +918,8 @@ def main(argv=None):
         return encoders[(spec, length)]
 
     try:                                    # checkpoint and text-encoder errors are one line, never a traceback
-        paths = run_paths(run, {s: getattr(args, f"stage_{s}") for s in "abc"})
+        paths = run_paths(run, {s: getattr(args, f"stage_{s}") for s in "abc"},
+                          stages="ab" if args.no_generation else "abc")
         vqgan, stage_b_model = (load_stage(s, paths[s], device, args.weights) for s in "ab")
         prior = None if args.no_generation else load_stage("c", paths["c"], device, args.weights)
         enc_b = text_encoder(stage_b_model)
@@ -1083,7 +1085,8 @@ def main(argv=None):
         "warnings": warnings_, "timings_s": {k_: round(v, 1) for k_, v in timings.items()} |
                                            {"total": round(time.time() - t_start, 1)},
     }
-    out = Path(args.json) if args.json else run / "eval.json"
+    out = Path(args.json) if args.json else \
+        (Path("runs/eval_shipped.json") if run.resolve() == SHIPPED else run / "eval.json")   # not into weights/
     out.parent.mkdir(parents=True, exist_ok=True)
     # what the numbers are about, for the first prompts: real, Stage A, Stage A+B, then the k generated images
     shown = min(n, 12)

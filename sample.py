@@ -58,8 +58,12 @@ def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
                                 (ckpt.get("text_encoder"), ckpt.get("text_length")),
                                 ckpt.get("train", {}).get("image_size")).to(device).eval()
         del ckpt                                  # an official .pt: free it before load_pretrained reads it again
+    if path.suffix == ".safetensors":
+        verify_weights(path.parent, [path.name])   # against the SHA256SUMS beside it, before a byte of it is used
     if path.suffix == ".safetensors" and (info := exported_info(path)) is not None:
-        verify_weights(path.parent, [path.name])   # against SHA256SUMS, before a byte of it is used
+        if weights != "ema":
+            raise module.CheckpointError(f"checkpoint {path}: an exported file holds the EMA weights only; "
+                                         f"expected --weights ema")
         state = module._read_checkpoint(path)
         return _build_stage(stage, path, info.get("stage"), info.get("config"), state, "ema",
                             (info.get("text_encoder"), info.get("text_length")),
@@ -78,7 +82,7 @@ def _build_stage(stage: str, path: Path, saved_stage, config, state: dict, weigh
         raise module.CheckpointError(f"checkpoint {path}: its config is a {type(config).__name__}; expected a dict")
     config_class = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
     try:
-        config = config_class(**{k: tuple(_tuples(v)) if isinstance(v, list) else v for k, v in config.items()})
+        config = config_class(**{k: _tuples(v) for k, v in config.items()})
         model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config)
     except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -98,7 +102,7 @@ def _tuples(value):
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped weights (weights/shapes/): safetensors files, each checked against a SHA256SUMS manifest
 # ----------------------------------------------------------------------------------------------------------------
-SHIPPED = Path(__file__).resolve().parent / "weights" / "shapes"
+SHIPPED = (Path(__file__).parent / "weights" / "shapes").resolve()
 MANIFEST = "SHA256SUMS"           # `sha256sum` format: "<hex>  <file name>" per line; `sha256sum -c` reads it too
 METADATA_KEY = "wuerstchen"       # the one metadata entry of an exported file: safetensors writes a metadata map of
                                   # several keys in a random order, which would change the file's SHA-256 per export
@@ -121,8 +125,13 @@ def read_manifest(folder) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return {}
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e.reason}); "
+                           f"expected '<SHA-256>  <file>' lines") from None
     entries = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -137,17 +146,25 @@ def verify_weights(folder, names=None):
     missing, truncated or altered file is one line naming it and the SHA-256 it should have. The shipped folder
     must have its manifest."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    if not manifest and folder.resolve() == SHIPPED:
+    manifest, shipped = read_manifest(folder), folder.resolve() == SHIPPED
+    if not manifest and shipped:
         raise WeightsError(f"{folder / MANIFEST}: missing; the shipped weights are checked against it "
                            f"(git checkout -- {folder} restores the folder)")
+    for name in names or ():
+        if shipped and name not in manifest:
+            raise WeightsError(f"{folder / name}: not listed in {folder / MANIFEST}; expected one of "
+                               f"{', '.join(sorted(manifest))}")
     for name, expected in manifest.items():
         if names is not None and name not in names:
             continue
         path = folder / name
         if not path.is_file():
             raise WeightsError(f"{path}: missing; expected the file with SHA-256 {expected}")
-        actual = file_sha256(path)
+        try:
+            actual = file_sha256(path)
+        except OSError as e:
+            raise WeightsError(f"{path}: cannot be read ({e.strerror}); expected the file with SHA-256 "
+                               f"{expected}") from None
         if actual != expected:
             raise WeightsError(f"{path}: damaged or altered ({path.stat().st_size:,} bytes, SHA-256 {actual[:12]}…); "
                                f"expected SHA-256 {expected}")
@@ -160,22 +177,30 @@ def exported_info(path) -> dict | None:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-    except Exception:                     # unreadable: verify_weights or _read_checkpoint says why, in one line
+    except Exception:                     # unreadable: _read_checkpoint says why, in one line
         metadata = {}
-        if Path(path).is_file() and (Path(path).parent / MANIFEST).is_file():
-            verify_weights(Path(path).parent, [Path(path).name])
     if METADATA_KEY not in metadata:
         return None
-    return json.loads(metadata[METADATA_KEY])
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+    except ValueError:
+        info = None
+    kinds = {"stage": str, "config": dict, "image_size": int, "text_encoder": (str, type(None)),
+             "text_length": (int, type(None))}
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), t) for k, t in kinds.items()):
+        raise WeightsError(f"{path}: its '{METADATA_KEY}' metadata is not what scripts/export_weights.py writes; "
+                           f"expected a JSON object with {', '.join(kinds)}")
+    return info
 
 
-def run_paths(run, given: dict | None = None) -> dict:
-    """{stage: checkpoint path} of a run folder: given[stage] where set, else RUN/stage_x.pt (train.py's), else
-    RUN/stage_x.safetensors (exported, as in weights/shapes/). A folder with a SHA256SUMS is checked in full
-    first, so that a damaged file stops the run before any stage loads."""
+def run_paths(run, given: dict | None = None, stages: str = "abc") -> dict:
+    """{stage: checkpoint path} for `stages` of a run folder: given[stage] where set, else RUN/stage_x.pt
+    (train.py's), else RUN/stage_x.safetensors (exported, as in weights/shapes/). The exported files among them are
+    checked against the folder's SHA256SUMS, all before the first loads, so that a damaged one stops the run before
+    any stage is built."""
     run, given = Path(run), given or {}
     listed, paths = read_manifest(run), {}
-    for s in "abc":
+    for s in stages:
         if given.get(s):
             paths[s] = Path(given[s])
             continue
@@ -183,8 +208,9 @@ def run_paths(run, given: dict | None = None) -> dict:
         if pt.exists() and exported.exists():
             raise WeightsError(f"{run} holds both {pt.name} and {exported.name}; expected one Stage {s.upper()}")
         paths[s] = exported if not pt.exists() and (exported.exists() or exported.name in listed) else pt
-    if not all(given.get(s) for s in "abc") and ((run / MANIFEST).exists() or run.resolve() == SHIPPED):
-        verify_weights(run)
+    chosen = [paths[s].name for s in stages if not given.get(s) and paths[s].suffix == ".safetensors"]
+    if chosen:                            # every file this run will load, before the first of them loads
+        verify_weights(run, chosen)
     return paths
 
 
@@ -381,7 +407,8 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_value, default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the models: pays off over many images, not for one (see compile_models)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/samples; out/ for the shipped weights)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/samples; out/ for the shipped weights or with no --run)")
     args = p.parse_args(argv)
     if args.prior_steps and args.prior_timesteps is not None:
         p.error("give --prior-steps or --prior-timesteps, not both")
@@ -459,7 +486,7 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory on {device} making {len(all_prompts)} images of {made}×{made} "
                          f"({first_line(e)}); expected a smaller --size or --batch") from None
-    out = Path(args.out) if args.out else (Path("out") if run.resolve() == SHIPPED else run / "samples")
+    out = Path(args.out) if args.out else (run / "samples" if args.run and run.resolve() != SHIPPED else Path("out"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, (img, prompt) in enumerate(zip(images, all_prompts)):

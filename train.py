@@ -383,7 +383,7 @@ def build_model(cls, cfg, preset, device):
 def load_frozen(stage: str, given, out: Path, device):
     """A frozen stage that this one trains on: --stage-x PATH, or OUT/stage_x.pt from an earlier train.py run (or
     OUT/stage_x.safetensors, as scripts/demo.sh puts the shipped Stages A and B there)."""
-    path = Path(given) if given else run_paths(out)[stage]
+    path = Path(given) if given else run_paths(out, stages=stage)[stage]
     if not given and not path.exists():
         raise ValueError(f"no Stage {stage.upper()} checkpoint at {path}; expected one from an earlier run "
                          f"(train.py --stage {stage} --out {out}), or pass --stage-{stage} PATH")

@@ -2,11 +2,12 @@
 
     python scripts/export_weights.py --run runs/shipped --to weights/shapes
 
-Each stage becomes `stage_x.safetensors`: its EMA weights in fp32 and one metadata entry (sample.METADATA_KEY) with
-what sample.load_stage needs to rebuild the model (stage, config, text encoder, training image size). Only weights
-are kept, not the optimizer or the discriminator, so the files are small and load with no code run. The same run
-gives the same bytes: tensors are written in name order and the metadata as sorted JSON. Each file is reloaded and
-compared with the checkpoint's EMA weights before the manifest is written.
+Each stage becomes `stage_x.safetensors`: its EMA weights as trained (fp32) and one metadata entry
+(sample.METADATA_KEY) with what sample.load_stage needs to rebuild the model (stage, config, text encoder, training
+image size). Only weights are kept, not the optimizer or the discriminator, so the files are small and load with
+no code run. The same run
+gives the same bytes: tensors are written in name order and the metadata as sorted JSON. Once the manifest is
+written, each file is loaded as sample.py loads it and compared with the checkpoint's EMA weights.
 """
 import argparse
 import dataclasses
@@ -26,19 +27,25 @@ from sample import MANIFEST, METADATA_KEY, STAGES, file_sha256, load_stage  # no
 def export_stage(stage: str, checkpoint: Path, target: Path) -> None:
     """One train.py checkpoint's EMA weights → TARGET (.safetensors), written atomically."""
     model = load_stage(stage, checkpoint)                    # checks that the checkpoint builds its model
-    ckpt = STAGES[stage]._read_checkpoint(checkpoint)
-    info = {"stage": stage, "config": dataclasses.asdict(model.config), "step": int(ckpt.get("step", 0)),
+    info = {"stage": stage, "config": dataclasses.asdict(model.config),
+            "step": int(STAGES[stage]._read_checkpoint(checkpoint).get("step", 0)),
             "text_encoder": model.text_encoder_spec[0], "text_length": model.text_encoder_spec[1],
             "image_size": model.train_side}
     # clone(): safetensors refuses tensors that share storage, which a state dict's views can
-    tensors = {name: value.detach().to(torch.float32).contiguous().clone()
-               for name, value in sorted(model.state_dict().items())}
+    tensors = {name: value.detach().contiguous().clone() for name, value in sorted(model.state_dict().items())}
     tmp = target.with_name(f".{target.name}.tmp")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(info, sort_keys=True)})
     os.replace(tmp, target)
-    reloaded = load_stage(stage, target)
-    for name, value in model.state_dict().items():
-        if not torch.equal(reloaded.state_dict()[name], value.float()):
+
+
+def check_export(stage: str, checkpoint: Path, target: Path) -> None:
+    """The exported file, loaded as sample.py loads it (SHA-256 checked), holds exactly the checkpoint's EMA."""
+    ema = STAGES[stage]._read_checkpoint(checkpoint)["ema"]
+    loaded = load_stage(stage, target).state_dict()
+    if loaded.keys() != ema.keys():
+        raise SystemExit(f"error: {target}: its tensors are not those of {checkpoint}'s EMA weights")
+    for name, value in ema.items():
+        if loaded[name].dtype != value.dtype or not torch.equal(loaded[name], value):
             raise SystemExit(f"error: {target}: {name} differs from {checkpoint}'s EMA weights after export")
 
 
@@ -62,6 +69,11 @@ def main(argv=None):
     tmp = to / f".{MANIFEST}.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, to / MANIFEST)
+    for stage in "abc":                           # after the manifest: the check that sample.py makes runs too
+        try:
+            check_export(stage, run / f"stage_{stage}.pt", to / f"stage_{stage}.safetensors")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
     print(f"manifest: {to / MANIFEST}")
 
 

@@ -6,6 +6,9 @@
 - sample.py with no --run uses the shipped weights, which are whole, small, and built from the tiny preset;
 - Stage C trains on exported Stages A and B (what scripts/demo.sh does) and samples from the mixed folder.
 """
+import dataclasses
+import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -43,22 +46,33 @@ def exported(tmp_path_factory):
     return run, to
 
 
-def state(model):
-    return {k: v.float() for k, v in model.state_dict().items()}
-
-
 def test_export_loads_the_ema_weights_exactly_and_is_byte_stable(exported, tmp_path):
     run, to = exported
     for s in "abc":
-        ours, theirs = sample.load_stage(s, run / f"stage_{s}.pt"), sample.load_stage(s, to / f"stage_{s}.safetensors")
-        assert ours.config == theirs.config
-        assert ours.text_encoder_spec == theirs.text_encoder_spec == ("minilm", 16)
-        assert ours.train_side == theirs.train_side == 64
-        a, b = state(ours), state(theirs)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ckpt = torch.load(run / f"stage_{s}.pt", weights_only=True)
+        theirs = sample.load_stage(s, to / f"stage_{s}.safetensors")
+        assert json.loads(json.dumps(dataclasses.asdict(theirs.config))) == json.loads(json.dumps(ckpt["config"]))
+        assert theirs.text_encoder_spec == ("minilm", 16) and theirs.train_side == 64
+        loaded = theirs.state_dict()
+        assert loaded.keys() == ckpt["ema"].keys()
+        for name, value in ckpt["ema"].items():
+            assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
+        assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["ema"]), "EMA = model: no test"
     export(run, tmp_path)                        # a second export of the same run: the same bytes, the same hashes
     assert (tmp_path / sample.MANIFEST).read_text() == (to / sample.MANIFEST).read_text()
     assert len(sample.read_manifest(to)) == 3
+
+
+def test_export_into_the_shipped_folder(exported, tmp_path, monkeypatch):
+    """scripts/train_weights.sh exports into weights/shapes/, whose manifest is required: the export writes it
+    before it loads the files back."""
+    run, to = exported
+    monkeypatch.setattr(sample, "SHIPPED", tmp_path.resolve())
+    spec = importlib.util.spec_from_file_location("export_weights", EXPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--run", str(run), "--to", str(tmp_path)])
+    assert (tmp_path / sample.MANIFEST).read_text() == (to / sample.MANIFEST).read_text()
 
 
 def test_sampling_from_the_export_matches_the_run(exported, tmp_path):
@@ -164,3 +178,9 @@ def test_sample_without_run_uses_the_shipped_weights(tmp_path, capsys):
     image = np.asarray(Image.open(tmp_path / "grid.png"))
     assert image.shape == (68, 68, 3) and image.std() > 10        # a picture, not a flat canvas
 
+
+
+def test_exported_files_hold_the_ema_weights_only(exported):
+    _, to = exported
+    with pytest.raises(ValueError, match="holds the EMA weights only"):
+        sample.load_stage("a", to / "stage_a.safetensors", weights="model")
