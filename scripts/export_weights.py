@@ -53,12 +53,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/shipped", help="folder with train.py's stage_a/b/c.pt")
     p.add_argument("--to", default=str(sample.SHIPPED), help="folder to write the .safetensors files and SHA256SUMS")
+    p.add_argument("--stages", default="abc", choices=["a", "ab", "abc"], help="which stages to export (default all)")
     args = p.parse_args(argv)
     run, to = Path(args.run), Path(args.to)
     to.mkdir(parents=True, exist_ok=True)
     (to / MANIFEST).unlink(missing_ok=True)       # stale hashes must not vouch for the new files while they change
     lines = []
-    for stage in "abc":
+    for stage in args.stages:
         target = to / f"stage_{stage}.safetensors"
         try:
             export_stage(stage, run / f"stage_{stage}.pt", target)
@@ -69,7 +70,7 @@ def main(argv=None):
     tmp = to / f".{MANIFEST}.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, to / MANIFEST)
-    for stage in "abc":                           # after the manifest: the check that sample.py makes runs too
+    for stage in args.stages:                     # after the manifest: the check that sample.py makes runs too
         try:
             check_export(stage, run / f"stage_{stage}.pt", to / f"stage_{stage}.safetensors")
         except ValueError as e:
