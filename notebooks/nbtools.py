@@ -3,12 +3,13 @@ tables. Models, losses, schedules and samplers are never defined here: the noteb
 own files (stage_a.py, stage_b.py, stage_c.py, schedule.py, sample.py, train.py, data.py, evaluate.py, text.py).
 
 Environment variables (each notebook's first cell can set RUN instead of WUERSTCHEN_RUN):
-- WUERSTCHEN_RUN: a folder of train.py checkpoints (stage_a.pt, stage_b.pt, stage_c.pt), e.g. runs/tiny from
-  `bash scripts/demo.sh`. Nothing is trained then.
-- NOTEBOOK_TRAIN_DIR: where tiny models are trained when no run is given (default runs/notebooks, or
-  runs/notebooks-smoke in smoke mode). Checkpoints found there are reused, so the notebooks train each stage once.
-- NOTEBOOK_SMOKE=1: the test suite's mode: a handful of training steps and fewer images, so that the notebooks run in
-  about a minute; the pictures are then of untrained models.
+- WUERSTCHEN_RUN: a folder of train.py checkpoints (stage_a.pt, stage_b.pt, stage_c.pt) or exported .safetensors,
+  e.g. runs/tiny from `bash scripts/demo.sh`. Unset: the shipped weights, weights/shapes/. Nothing is trained then.
+  WUERSTCHEN_RUN=train: tiny models are trained on the spot instead, a few minutes per stage.
+- NOTEBOOK_TRAIN_DIR: where those are trained (default runs/notebooks, or runs/notebooks-smoke in smoke mode).
+  Checkpoints found there are reused, so the notebooks train each stage once.
+- NOTEBOOK_SMOKE=1: the test suite's mode: fewer images and repeats (and a handful of training steps with
+  WUERSTCHEN_RUN=train), so that the notebooks run in about a minute.
 - NOTEBOOK_THREADS: torch threads (default 1; the CPU is shared).
 """
 import os
@@ -37,8 +38,8 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("NOTEBOOK_THREADS", "1")))
 SMOKE = os.environ.get("NOTEBOOK_SMOKE", "") not in ("", "0")
 
-# Training when no run is given: a few minutes per stage on one CPU thread (scripts/demo.sh trains 600, 1,500 and
-# 1,400 steps, about 17 minutes on two threads). Smoke mode: a handful of steps on small batches.
+# Training with WUERSTCHEN_RUN=train: a few minutes per stage on one CPU thread, far fewer steps than the shipped
+# weights' (train.TRAIN_PRESETS["tiny"], scripts/train_weights.sh). Smoke mode: a handful of steps on small batches.
 TRAIN_STEPS = {"a": 400, "b": 600, "c": 1200}
 SMOKE_STEPS = {"a": 3, "b": 3, "c": 3}
 SMOKE_FLAGS = ["--batch-size", "8", "--log-every", "1", "--cache-frozen", "false"]  # no feature cache to fill
@@ -68,8 +69,10 @@ def shown(path: Path) -> str:
 # Checkpoints: a given run, or tiny models trained here with train.main
 # ----------------------------------------------------------------------------------------------------------------
 def _given_folder(run) -> Path | None:
-    given = run or os.environ.get("WUERSTCHEN_RUN")
-    if not given:
+    """The folder to load: RUN, else $WUERSTCHEN_RUN, else the shipped weights; None to train on the spot."""
+    from sample import SHIPPED
+    given = run or os.environ.get("WUERSTCHEN_RUN") or SHIPPED
+    if str(given) == "train":
         return None
     path = Path(given).expanduser()
     if not path.is_absolute() and not path.exists():
@@ -96,17 +99,21 @@ def _train(stage: str, folder: Path) -> dict:
 def prepare_run(stages: str, run=None) -> Path:
     """The folder holding train.py checkpoints for `stages` (e.g. "ab").
 
-    run (or $WUERSTCHEN_RUN) names a folder of train.py checkpoints to load; otherwise tiny models are trained in
-    $NOTEBOOK_TRAIN_DIR, each stage once: a checkpoint already there is reused. Training a stage removes the later
-    stages' checkpoints, which were trained on top of the old one.
+    run (or $WUERSTCHEN_RUN) names a folder of checkpoints to load, by default the shipped weights (checked against
+    their SHA-256s); with "train", tiny models are trained in $NOTEBOOK_TRAIN_DIR, each stage once: a checkpoint
+    already there is reused. Training a stage removes the later stages' checkpoints, which were trained on top of
+    the old one.
     """
+    from sample import SHIPPED, run_paths
     given = _given_folder(run)
     if given is not None:
-        missing = [s for s in stages if not (given / f"stage_{s}.pt").is_file()]
+        paths = run_paths(given, stages=stages)   # exported files (the shipped ones): SHA-256s checked here
+        missing = [paths[s].name for s in stages if not paths[s].is_file()]
         if missing:
-            raise FileNotFoundError(f"{given}: no {', '.join(f'stage_{s}.pt' for s in missing)}; expected the "
-                                    f"checkpoints train.py writes (e.g. runs/tiny after `bash scripts/demo.sh`)")
-        print(f"checkpoints: {shown(given)} (given; nothing is trained)")
+            raise FileNotFoundError(f"{given}: no {', '.join(missing)}; expected the checkpoints train.py writes "
+                                    f"(e.g. runs/tiny after `bash scripts/demo.sh`)")
+        what = "the shipped weights" if given == SHIPPED else "given"
+        print(f"checkpoints: {shown(given)} ({what}; nothing is trained)")
         return given
     default = ROOT / "runs" / ("notebooks-smoke" if SMOKE else "notebooks")
     folder = Path(os.environ.get("NOTEBOOK_TRAIN_DIR") or default).resolve()
@@ -127,9 +134,9 @@ def prepare_run(stages: str, run=None) -> Path:
 
 
 def load(stage: str, folder: Path):
-    """A stage from a train.py checkpoint (EMA weights), in eval mode, via sample.load_stage."""
-    from sample import load_stage
-    return load_stage(stage, Path(folder) / f"stage_{stage}.pt")
+    """A stage from a train.py checkpoint or an exported file (EMA weights), in eval mode, via sample.load_stage."""
+    from sample import load_stage, run_paths
+    return load_stage(stage, run_paths(folder, stages=stage)[stage])
 
 
 def text_encoder(model):
@@ -146,8 +153,12 @@ def training_log(folder: Path, stage: str) -> list[dict]:
 
 
 def checkpoint_step(folder: Path, stage: str) -> int:
-    ckpt = torch.load(Path(folder) / f"stage_{stage}.pt", map_location="cpu", weights_only=True)
-    return int(ckpt["step"])
+    """The training step a stage's weights were saved at: from a train.py checkpoint or an exported file."""
+    from sample import exported_info, run_paths
+    path = run_paths(folder, stages=stage)[stage]
+    if path.suffix == ".safetensors":
+        return int(exported_info(path)["step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
 def count(module) -> int:

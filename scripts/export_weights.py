@@ -5,14 +5,15 @@
 Each stage becomes `stage_x.safetensors`: its EMA weights as trained (fp32) and one metadata entry
 (sample.METADATA_KEY) with what sample.load_stage needs to rebuild the model (stage, config, text encoder, training
 image size). Only weights are kept, not the optimizer or the discriminator, so the files are small and load with
-no code run. The same run
-gives the same bytes: tensors are written in name order and the metadata as sorted JSON. Once the manifest is
-written, each file is loaded as sample.py loads it and compared with the checkpoint's EMA weights.
+no code run. Each stage's JSONL training log is copied beside its file. The same run gives the same bytes: tensors
+are written in name order and the metadata as sorted JSON. Once the manifest is written, each file is loaded as
+sample.py loads it and compared with the checkpoint's EMA weights.
 """
 import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         lines.append(f"{file_sha256(target)}  {target.name}")
+        log = run / f"stage_{stage}.log.jsonl"         # the training curve, for the notebooks; it holds wall times,
+        if log.exists():                                # so it is not bit-reproducible and not in the manifest
+            shutil.copyfile(log, to / log.name)
         print(f"{target}: {target.stat().st_size:,} bytes, SHA-256 {lines[-1].split()[0]}")
     tmp = to / f".{MANIFEST}.tmp"
     tmp.write_text("\n".join(lines) + "\n")
