@@ -78,7 +78,8 @@ TRAIN_PRESETS = {
     #   from 0.34 / 0.44 at 1,500 steps to 0.82 / 0.88 at 12,000, about +0.15 per doubling, still climbing.
     # - C 8,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
-    #   keeps 8,000 steps × 64 at 31 epochs, not 125, for the two-object captions' sake.
+    #   keeps 8,000 steps × 64 at 31 epochs, not 125, for the two-object captions' sake: a choice, not measured
+    #   apart (its first pass, which caches the frozen features, costs about 2.5 of Stage C's 16.6 minutes).
     # Result (docs/shipped.md): single object 0.54 / 0.90 (analytic / CNN oracle), position 0.53 / 0.57, colour
     # binding 0.15 / 0.32, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 93 minutes.
     # scripts/demo.sh trains this Stage C on the shipped A and B; with --from-scratch, all three with fewer --steps.
