@@ -67,7 +67,7 @@ FILL_RATIO = {
 
 # Bounding-box width as a fraction of the image side. A cell is 1/3 of the side, so a large shape fills most of it
 # (at most 1/3 − 2·CELL_MARGIN). Small is 14 px at 64 px: at 0.17 (11 px) even the tiny demo's Stage A kept the
-# form of only 31% of small shapes (78% of large ones) by evaluate.py's analytic oracle.
+# form of only 31% of small shapes (78% of large ones) by experiments/evaluate.py's analytic oracle.
 SIZES = {"small": 0.22, "large": 0.29}
 CELL_MARGIN = 1 / 64                   # gap kept between a shape and its cell's edge: 1 px at 64 px
 MIN_SIZE = 32                          # image side below which the small shapes (7 px) lose their outlines
@@ -79,7 +79,7 @@ POSITIONS = {
 RELATIONS = ("left of", "right of", "above", "below")   # of the first object, relative to the second
 SUPERSAMPLE = 4                        # draw at 4× and box-filter down, for anti-aliased edges
 
-# Colour–shape pairs that train.py leaves out of the built-in shapes by default, so that evaluate.py can score
+# Colour–shape pairs that train.py leaves out of the built-in shapes by default, so that experiments/evaluate.py can score
 # compositions the model never saw: one pair per shape, five colours, none of them in DEMO_PROMPTS.
 HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "star"), ("blue", "cross"), ("yellow", "circle"),
                             ("purple", "square")})

@@ -101,7 +101,7 @@ PRESETS = {
     # patch_size 1, not the released 2: a small shape covers about 3×3 of the 16² latent, and a 2× unshuffle
     # leaves it 1.5 tokens wide. Overfitting 64 demo images for 800 steps, patch 1 cut the x0 error on the shapes
     # 4× and drew the right colour in 54% of images against 13%, at about 1.8× the time per step. End to end
-    # (scripts/demo.sh, then evaluate.py --n 200), single-object prompts right went from 0.03 to 0.09 (analytic
+    # (scripts/demo.sh, then experiments/evaluate.py --n 200), single-object prompts right went from 0.03 to 0.09 (analytic
     # oracle) and the asked colour from 0.15 to 0.41.
     "tiny": StageBConfig(c_r=32, patch_size=1, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
                          attention=(False, True, True), inject_semantic=(False, True, True), c_cond=64, c_text=384,

@@ -63,7 +63,7 @@ class TrainConfig:
     max_bad_steps: int = 20      # stop after this many non-finite losses in a row
     dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
     cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
-    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out, for evaluate.py's held-out rows
+    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out, for experiments/evaluate.py's held-out rows
 
 
 OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
@@ -74,7 +74,7 @@ TRAIN_PRESETS = {
     #   (CNN 0.94-0.96), and its MSE was still falling at 2,000 (0.0017). Its GAN term is left off for these
     #   weights (scripts/train_weights.sh: --no-adversarial): switched on at step 2,000 at this learning rate, it
     #   raised the MSE to 0.011-0.014 within 600 steps and drew a checkerboard over flat backgrounds.
-    # - B 16,000 steps: its ceiling (evaluate.py --no-generation, single object, CNN, small / large shapes) rose
+    # - B 16,000 steps: its ceiling (experiments/evaluate.py --no-generation, single object, CNN, small / large shapes) rose
     #   from 0.34 / 0.44 at 1,500 steps to 0.82 / 0.88 at 12,000, about +0.15 per doubling, still climbing.
     # - C 8,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)

@@ -82,7 +82,7 @@ def stage_a_notebook():
             import torch
             import stage_a
             from data import render_sample, to_tensor
-            from evaluate import EVAL_SEED, psnr
+            from experiments.evaluate import EVAL_SEED, psnr
             '''),
         code('''
         vqgan = nb.load("a", folder)      # sample.load_stage: the EMA weights of a train.py checkpoint
@@ -104,7 +104,7 @@ def stage_a_notebook():
         md('''
         ## 1. An image goes to its f4 latent and back
 
-        The images below come from the built-in shapes data set with `evaluate.EVAL_SEED`, a seed training never
+        The images below come from the built-in shapes data set with `experiments/evaluate.py`'s `EVAL_SEED`, a seed training never
         uses. `encode` gives the latent Stage B works in (the un-quantized encoder output ÷ the scale factor) and
         `decode` turns it back into pixels.
         '''),
@@ -279,7 +279,7 @@ def stage_b_notebook():
             import torch.nn.functional as F
             import stage_b
             from data import render_sample, to_tensor
-            from evaluate import EVAL_SEED, AnalyticDetector, decode_semantic, parse_caption, psnr, score
+            from experiments.evaluate import EVAL_SEED, AnalyticDetector, decode_semantic, parse_caption, psnr, score
             from sample import encode_prompts, latent_sizes
             from schedule import STAGE_B_STEPS, linear_timesteps
             '''),
@@ -354,12 +354,12 @@ def stage_b_notebook():
         ## 2. What the latent keeps, and what it loses
 
         Stage B decodes from the semantic latent: it denoises a Stage A latent from pure noise, guided by the 16×4×4
-        numbers (and the caption), and Stage A turns it into pixels (`evaluate.decode_semantic`, the second half of
+        numbers (and the caption), and Stage A turns it into pixels (`decode_semantic` in experiments/evaluate.py, the second half of
         `sample.generate`). Against it: **naive downsampling** of the image to about as many values as the semantic
         latent has (a k×k RGB thumbnail with 3·k² at most that many), scaled back up with bicubic interpolation.
 
         Two yardsticks: PSNR against the original (pixel fidelity), and whether the caption still holds for the
-        result, as read by the project's analytic oracle (`evaluate.AnalyticDetector`: background, colour, shape
+        result, as read by the project's analytic oracle (`AnalyticDetector` in experiments/evaluate.py: background, colour, shape
         and grid cell of each shape).
         '''),
         code('''
@@ -486,7 +486,7 @@ def stage_c_notebook():
             import math
             import torch
             from data import DEMO_PROMPTS
-            from evaluate import AnalyticDetector, parse_caption, score
+            from experiments.evaluate import AnalyticDetector, parse_caption, score
             from sample import encode_prompts, generate, latent_sizes
             from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, alpha_bar, linear_timesteps, p2_weight, sample
             from schedule import sample_t

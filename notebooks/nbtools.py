@@ -1,6 +1,6 @@
 """What the teaching notebooks share: set-up, checkpoints (loaded, or tiny ones trained on the spot), pictures and
 tables. Models, losses, schedules and samplers are never defined here: the notebooks import them from the project's
-own files (stage_a.py, stage_b.py, stage_c.py, schedule.py, sample.py, train.py, data.py, evaluate.py, text.py).
+own files (stage_a.py, stage_b.py, stage_c.py, schedule.py, sample.py, train.py, data.py, experiments/evaluate.py, text.py).
 
 Environment variables (each notebook's first cell can set RUN instead of WUERSTCHEN_RUN):
 - WUERSTCHEN_RUN: a folder of train.py checkpoints (stage_a.pt, stage_b.pt, stage_c.pt) or exported .safetensors,

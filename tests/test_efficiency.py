@@ -1,4 +1,4 @@
-"""efficiency.py: FLOP counts against closed forms, the decision rule on hand-made curves, and the command line end to
+"""experiments/efficiency.py: FLOP counts against closed forms, the decision rule on hand-made curves, and the command line end to
 end at micro size (--dry-run), whose JSON also shows that every arm trained on the same data, text and settings."""
 import contextlib
 import dataclasses
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import efficiency as eff
+from experiments import efficiency as eff
 import stage_c
 from train import FrozenFeatures
 

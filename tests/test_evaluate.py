@@ -1,4 +1,4 @@
-"""evaluate.py: the caption parser against the ground truth, the analytic oracle's ceiling and chance floor, category
+"""experiments/evaluate.py: the caption parser against the ground truth, the analytic oracle's ceiling and chance floor, category
 scoring on hand-built scenes, bootstrap intervals, KID, the Fréchet distance, precision/recall, and the command
 line end to end on tiny untrained checkpoints."""
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data
-import evaluate as ev
+from experiments import evaluate as ev
 import train
 
 SIZE = 64

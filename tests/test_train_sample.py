@@ -77,7 +77,7 @@ def test_flags_override_preset_fields():
 
 
 def test_built_in_shapes_hold_out_the_evaluation_pairs():
-    """evaluate.py's held-out rows measure unseen compositions only if training never draws those pairs."""
+    """experiments/evaluate.py's held-out rows measure unseen compositions only if training never draws those pairs."""
     def pairs(argv):
         args, _, cfg = train.parse_args(["--stage", "a", "--dataset-size", "400"] + argv)
         data = train.Batches(args, cfg, rank=0, world=1).dataset

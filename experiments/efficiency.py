@@ -2,9 +2,9 @@
 compressed semantic space (Stage C, decoded by Stage B) than directly on Stage A's f4 latent, like a classic latent
 diffusion model (LDM), for the same prompt alignment?
 
-    python efficiency.py --run runs/tiny                  # CPU smoke run: ≤ 30 min on 2 cores with A and B given
-    python efficiency.py --scale gpu --run runs/big       # the larger scale, for one GPU
-    python efficiency.py --scale gpu --dry-run            # its code path with micro sizes, anywhere
+    python experiments/efficiency.py --run runs/tiny                  # CPU smoke run: ≤ 30 min on 2 cores with A and B given
+    python experiments/efficiency.py --scale gpu --run runs/big       # the larger scale, for one GPU
+    python experiments/efficiency.py --scale gpu --dry-run            # its code path with micro sizes, anywhere
 
 It prints the decision rule first, then trains every arm, evaluates each at four checkpoints, and prints the tables;
 it writes OUT/efficiency.json, OUT/efficiency.md, the plot OUT/efficiency.png and sample images of each arm.
@@ -26,7 +26,7 @@ P2-weighted ε-MSE. They differ only in the denoiser and the space it denoises:
 Both Prior-based arms have the same parameter count up to their 1×1 input and output convolutions; the U-Net's is
 printed next to them.
 
-Measured at each checkpoint (EMA weights, as evaluate.py): prompt alignment, the unweighted mean of evaluate.py's
+Measured at each checkpoint (EMA weights, as experiments/evaluate.py): prompt alignment, the unweighted mean of experiments/evaluate.py's
 six GenEval-style categories per image, by both oracles, with a 95% bootstrap interval over prompts (EVAL_SEED
 prompts, which training never sees); KID-oracle, FD-oracle and precision/recall on the CNN oracle's features against
 real renders of other prompts (REFERENCE_SEED). Calibration rows: real images (ceiling), real images with shuffled
@@ -83,12 +83,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import evaluate as ev
+# Run as `python experiments/<name>.py` from anywhere: the project's root holds the stage files, data and sample.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import stage_a
 import stage_b
 import stage_c
 from sample import encode_prompts, load_stage, run_paths, save_grid
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
+from experiments import evaluate as ev
 from schedule import sample as sample_loop
 from train import (TRAIN_PRESETS, Batches, FrozenFeatures, TrainConfig, atomic_save, autocast_for, learning_rate,
                    step_generator, update_ema)
@@ -646,7 +649,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and noise seed (train.py's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--cache-dir", default="runs/oracle_cache", help="the CNN oracle's cache (shared with evaluate.py)")
+    p.add_argument("--cache-dir", default="runs/oracle_cache", help="the CNN oracle's cache (shared with experiments/evaluate.py)")
     p.add_argument("--quiet", action="store_true", help="print the tables only")
     p.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's efficiency.json and "
                                                     "draw its plot again, next to it")
@@ -687,7 +690,7 @@ def report_only(path: Path) -> dict:
         results = json.loads(path.read_text())
         report = tables(results)
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --report {path}: not an efficiency.py result ({type(e).__name__}: {e})") from None
+        raise SystemExit(f"error: --report {path}: not an experiments/efficiency.py result ({type(e).__name__}: {e})") from None
     print(report)
     path.with_suffix(".md").write_text(report + "\n")
     plot(results, path.with_suffix(".png"))
@@ -753,7 +756,7 @@ def main(argv=None):
     timings = {"frozen features": time.time() - t}
     log(f"frozen features of {len(batches.dataset):,} samples: {timings['frozen features']:.0f} s")
 
-    # --- evaluation set, oracles and calibration rows (evaluate.py's seeds and machinery) ---
+    # --- evaluation set, oracles and calibration rows (experiments/evaluate.py's seeds and machinery) ---
     t = time.time()
     n = scale.prompts
     real, samples = ev.render_with_truth(ev.EVAL_SEED, n, side, exclude=ev.HELD_OUT_PAIRS)
@@ -839,7 +842,7 @@ def main(argv=None):
             info["points"].append(point)
             finals[arm] = images
             state = {"arm": arm, "step": step, "config": dataclasses.asdict(live.config), "ema": ema.state_dict()}
-            if arm == "stage_c":     # train.py's layout, so that sample.py and evaluate.py load it as a Stage C
+            if arm == "stage_c":     # train.py's layout, so that sample.py and experiments/evaluate.py load it as a Stage C
                 state |= {"stage": "c", "skipped": trace["skipped"], "train": dataclasses.asdict(cfg),
                           "text_encoder": spec or "minilm", "text_length": length or 32, "model": live.state_dict()}
             atomic_save(state, out / f"{arm}_{step:06d}.pt")

@@ -1,6 +1,6 @@
 """Measure a trained Würstchen on the built-in shapes: prompt alignment, reconstruction, and distribution metrics.
 
-    python evaluate.py --run runs/tiny --n 200
+    python experiments/evaluate.py --run runs/tiny --n 200
 
 Prompts are captions of the shapes dataset drawn with a seed that training does not use (EVAL_SEED), so every
 prompt comes with the ground truth of a real image. Two oracles read images back into scenes (objects with colour,
@@ -54,6 +54,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Run as `python experiments/<name>.py` from anywhere: the project's root holds the stage files, data and sample.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import (BACKGROUNDS, COLOURS, FILL_RATIO, HELD_OUT_PAIRS, POSITIONS, RELATIONS, SHAPES, SIZES,
                   TRIANGLE_HEIGHT, _STAR_HEIGHT, render_sample)
@@ -911,7 +914,7 @@ def main(argv=None):
     def text_encoder(model):
         spec, length = getattr(model, "text_encoder_spec", (None, None))
         if spec is None:
-            raise SystemExit("error: evaluate.py needs train.py checkpoints, which name their text encoder")
+            raise SystemExit("error: experiments/evaluate.py needs train.py checkpoints, which name their text encoder")
         if (spec, length) not in encoders:
             encoders[(spec, length)] = TextEncoder.from_name_or_path(spec, **({"max_length": length} if length
                                                                               else {})).to(device)
@@ -1065,7 +1068,7 @@ def main(argv=None):
         "Outside the mean: size and background (where the caption names them), and everything the caption asks.",
         alignment_table(rows, EXTRA),
         "Distribution metrics on the CNN oracle's features (not Inception: comparable only between runs of "
-        "evaluate.py with the same oracle).",
+        "experiments/evaluate.py with the same oracle).",
         distribution_table(distribution),
         reconstruction_table(reconstruction)] + warnings_)
     print(report)
