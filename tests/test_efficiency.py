@@ -67,37 +67,55 @@ def test_frozen_encoder_passes_are_counted_per_cached_block():
 # ----------------------------------------------------------------------------------------------------------------
 # The decision rule
 # ----------------------------------------------------------------------------------------------------------------
-def point(step, flops, mean, lo, hi, kid=None):
+def point(step, flops, mean, lo, hi, kid=None, analytic=None):
+    """A checkpoint; the analytic oracle's (mean, lo, hi) default to the CNN oracle's."""
+    cnn = {"mean": mean, "lo": lo, "hi": hi}
     return {"step": step, "gen_flops": flops, "pipeline_flops": None,
-            "alignment": {"CNN": {"mean": mean, "lo": lo, "hi": hi}},
+            "alignment": {"CNN": cnn, "analytic": dict(zip(("mean", "lo", "hi"), analytic)) if analytic else cnn},
             "kid_oracle": {"mean": kid, "std": 0.01} if kid is not None else None}
 
 
 BASELINE = [point(100, 1e12, 0.20, 0.15, 0.25), point(400, 4e12, 0.40, 0.35, 0.45, kid=0.10)]
+CHANCE = {"CNN": 0.07, "analytic": 0.02}
 
 
 def test_decision_rule_supported():
     stage_c_curve = [point(100, 1e11, 0.20, 0.15, 0.25, kid=0.3), point(400, 4e11, 0.36, 0.30, 0.42, kid=0.105)]
-    d = eff.decide(stage_c_curve, BASELINE, chance=0.07)
+    d = eff.decide(stage_c_curve, BASELINE, chance=CHANCE)
     assert d["verdict"] == "supported" and d["match"]["step"] == 400 and d["budget_flops"] == 1e12
     assert d["kid_check"] is True                                 # 0.105 ≤ 0.10 + 0.01
 
 
 def test_decision_rule_not_supported():
     weak = [point(100, 1e11, 0.20, 0.15, 0.25), point(400, 4e11, 0.30, 0.25, 0.35)]
-    d = eff.decide(weak, BASELINE, chance=0.07)
-    assert d["verdict"] == "not supported" and d["match"] is None and "best is 0.300" in d["reason"]
+    d = eff.decide(weak, BASELINE, chance=CHANCE)
+    assert d["verdict"] == "not supported" and d["match"] is None and "scores 0.300 (CNN)" in d["reason"]
     # it matches, but only with more than a quarter of the baseline's FLOPs
     late = [point(100, 1e11, 0.20, 0.15, 0.25), point(400, 2e12, 0.38, 0.33, 0.43)]
-    d = eff.decide(late, BASELINE, chance=0.07)
+    d = eff.decide(late, BASELINE, chance=CHANCE)
     assert d["verdict"] == "not supported" and "only at 0.5×" in d["reason"]
 
 
-def test_decision_rule_inconclusive_when_the_baseline_is_at_chance():
+def test_decision_rule_needs_both_oracles():
+    # the CNN oracle alone would call this a match; the analytic oracle puts Stage C below the baseline's bound
+    split = [point(400, 4e11, 0.40, 0.34, 0.46, analytic=(0.20, 0.15, 0.25))]
+    d = eff.decide(split, BASELINE, chance=CHANCE)
+    assert d["verdict"] == "not supported" and "0.200 (analytic)" in d["reason"]
+    assert eff.decide(split, BASELINE, chance=CHANCE, oracles=("CNN",))["verdict"] == "supported"
+
+
+def test_decision_rule_inconclusive_when_an_arm_is_at_chance():
     strong = [point(400, 4e11, 0.90, 0.85, 0.95)]
-    assert eff.decide(strong, BASELINE, chance=0.35)["verdict"] == "inconclusive"    # its lower bound is 0.35
-    assert eff.decide(strong, BASELINE, chance=0.34)["verdict"] == "supported"
-    assert eff.decide(strong, BASELINE, chance=0.07, flops_key="pipeline_flops")["verdict"] == "unknown"
+    assert eff.decide(strong, BASELINE, chance={"CNN": 0.35, "analytic": 0.02})["verdict"] == "inconclusive"
+    assert eff.decide(strong, BASELINE, chance={"CNN": 0.34, "analytic": 0.02})["verdict"] == "supported"
+    # the CNN oracle is well above chance, the analytic one not: that is not enough
+    d = eff.decide(strong, BASELINE, chance={"CNN": 0.07, "analytic": 0.35})
+    assert d["verdict"] == "inconclusive" and "analytic" in d["reason"]
+    # Stage C's own final checkpoint must be above chance too, even where the baseline is
+    noise = [point(400, 4e11, 0.10, 0.05, 0.15)]
+    d = eff.decide(noise, BASELINE, chance=CHANCE)
+    assert d["verdict"] == "inconclusive" and d["reason"].startswith("Stage C's final")
+    assert eff.decide(strong, BASELINE, chance=CHANCE, flops_key="pipeline_flops")["verdict"] == "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------------
