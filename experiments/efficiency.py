@@ -3,6 +3,8 @@ compressed semantic space (Stage C, decoded by Stage B) than directly on Stage A
 diffusion model (LDM), for the same prompt alignment?
 
     python experiments/efficiency.py --run runs/tiny                  # CPU smoke run: ≤ 30 min on 2 cores with A and B given
+    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2     # the deciding CPU run, hours
+    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2 --resume   # go on after a stop
     python experiments/efficiency.py --scale gpu --run runs/big       # the larger scale, for one GPU
     python experiments/efficiency.py --scale gpu --dry-run            # its code path with micro sizes, anywhere
 
@@ -60,7 +62,8 @@ Why both oracles: the first smoke run (CNN oracle alone) found that on near-nois
 checkpoint were such a spike would have passed a chance guard on the CNN oracle alone.
 
 Scales (SCALES): `smoke` is a smoke run on a CPU (400 steps of batch 32, 100 prompts), to show that everything runs
-and what the numbers look like, not to settle the question; `gpu` is 20,000 steps of batch 128 with wider models
+and what the numbers look like, not to settle the question; `cpu` is 4,000 steps of batch 32 and 200 prompts, long
+enough on a 2-core CPU for a verdict (issue 15); `gpu` is 20,000 steps of batch 128 with wider models
 and 400 prompts. Without --run (or --stage-a/--stage-b) Stages A and B are first trained with train.py at the tiny
 preset (the scale's steps), into OUT/autoencoders, and reused from there by later runs. --dry-run keeps the chosen
 scale's models and code path with micro sizes: a test, not a measurement.
@@ -90,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stage_a
 import stage_b
 import stage_c
-from sample import encode_prompts, load_stage, run_paths, save_grid
+from sample import encode_prompts, file_sha256, load_stage, run_paths, save_grid
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from experiments import evaluate as ev
 from schedule import sample as sample_loop
@@ -151,6 +154,11 @@ SCALES = {
     # given. The LDM Prior's 400 steps (≈ 1.4 s each) and its 29-call sampling of 100 prompts dominate.
     "smoke": Scale("smoke", dataset_size=4096, batch_size=32, steps=400, stops=(50, 100, 200, 400), ema_start=200,
                    warmup=100, prompts=100, prior_steps=None),
+    # Long enough on a 2-core CPU for a verdict (issue 15): 10× the smoke run's steps on twice its data, 200 prompts.
+    # Chosen from one timing on the loaded machine (s per step at batch 32: stage_c 0.20, ldm-unet 0.72, ldm-prior
+    # 1.4), before any result: about 1.5 hours in all with --threads 2, most of it ldm-prior's training.
+    "cpu": Scale("cpu", dataset_size=8192, batch_size=32, steps=4000, stops=(500, 1000, 2000, 4000), ema_start=500,
+                 warmup=100, prompts=200, prior_steps=None),
     # One GPU: wider and deeper denoisers, 50× the samples, 4× the prompts. Stages A and B, if not given, are
     # trained longer than the demo's (Stage B's quality caps what Stage C can score).
     "gpu": Scale("gpu", dataset_size=32768, batch_size=128, steps=20_000, stops=(2500, 5000, 10_000, 20_000),
@@ -513,20 +521,33 @@ def tables(results: dict) -> str:
              + (" (a SMOKE RUN: it shows that the comparison runs end to end; it settles nothing)"
                 if results["scale"]["name"].startswith("smoke") else ""), "",
              "Decision rule (fixed before running): " + RULE_TEXT, "",
-             "| arm | parameters | denoises | training FLOPs per step | s per step |", "|---|---|---|---|---|"]
+             "| arm | parameters | denoises | training FLOPs per step | frozen-encoder FLOPs per sample | "
+             "s per step |", "|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         lines.append(f"| {arm} | {a['parameters']:,} | {'×'.join(map(str, a['latent_shape']))} | "
-                     f"{_flops(a['flops_per_step'])} | {seconds_per_step(a['points']):.3f} |")
+                     f"{_flops(a['flops_per_step'])} | {_flops(a['frozen_flops_per_sample'])} | "
+                     f"{seconds_per_step(a['points']):.3f} |")
+    per_sample = results["flops"]["frozen_forward_per_sample"]
+    lines += ["", "Frozen encoders, forward FLOPs per training sample: text encoder "
+              f"{_flops(per_sample['text'])}, Stage A's encoder {_flops(per_sample['f4'])} (the LDM arms' input), "
+              f"the semantic compressor {_flops(per_sample['semantic'])} (Stage C's input). Each arm runs the text "
+              f"encoder and its own space's encoder once per distinct sample (cached). The generative-stage FLOPs "
+              f"count the denoiser alone, as the paper's A100-hours do; the whole-pipeline FLOPs add these "
+              f"encoder passes and the training of the autoencoders each arm needs (Stage A for all; Stage B, "
+              f"with its own Stage A and text passes, for Würstchen)."]
     lines += ["", "| calibration | alignment, CNN (95% CI) | alignment, analytic | KID-oracle ×10³ | FD-oracle |",
               "|---|---|---|---|---|"]
     for key, m in cal.items():
         lines.append(f"| {m['label']} | {_ci(m['alignment']['CNN'])} | {_ci(m['alignment']['analytic'])} | "
                      f"{_kid(m)} | {_fd(m)} |")
-    lines += ["", "| arm | step | generative FLOPs | whole-pipeline FLOPs | alignment, CNN (95% CI) | "
-                  "alignment, analytic | KID-oracle ×10³ | FD-oracle |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| arm | step | generative FLOPs | frozen-encoder FLOPs | whole-pipeline FLOPs | training s | "
+                  "alignment, CNN (95% CI) | alignment, analytic | KID-oracle ×10³ | FD-oracle |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         for p in a["points"]:
-            lines.append(f"| {arm} | {p['step']} | {_flops(p['gen_flops'])} | {_flops(p['pipeline_flops'])} | "
+            wall = p.get("train_seconds_total")
+            lines.append(f"| {arm} | {p['step']} | {_flops(p['gen_flops'])} | {_flops(p.get('frozen_flops'))} | "
+                         f"{_flops(p['pipeline_flops'])} | {'–' if wall is None else f'{wall:.0f}'} | "
                          f"{_ci(p['alignment']['CNN'])} | {_ci(p['alignment']['analytic'])} | {_kid(p)} | "
                          f"{_fd(p)} |")
     lines += ["", "| verdict | against | FLOPs | reason |", "|---|---|---|---|"]
@@ -603,38 +624,41 @@ def _panel(draw, box, series, hlines, title, xlabel, font, small):
 
 
 def plot(results: dict, path: Path):
-    """2×2 panels: alignment (CNN oracle, 95% CI bars) and KID-oracle (± its spread over subsets) against cumulative
-    training FLOPs, for the generative stage alone and for the whole pipeline. Drawn with Pillow: the project has
-    no plotting dependency."""
+    """3×3 panels: alignment by the CNN oracle and by the analytic one (95% CI bars), and KID-oracle (± its spread
+    over subsets), each against cumulative generative-stage training FLOPs, whole-pipeline training FLOPs and
+    training wall-clock seconds. Drawn with Pillow: the project has no plotting dependency."""
     arms, cal = results["arms"], results["calibration"]
-    W, panel_h, legend_h = 1300, 430, 30 + 22 * len(arms)
-    H = 50 + 2 * panel_h + legend_h
+    W, panel_h, legend_h = 1800, 400, 30 + 22 * len(arms)
+    H = 50 + 3 * panel_h + legend_h
     image = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(image)
-    font, small = _font(16), _font(13)
-    ceilings = [(cal["stage_a"]["alignment"]["CNN"]["mean"], (90, 90, 90), "Stage A reconstructions (LDM ceiling)"),
-                (cal["stage_ab"]["alignment"]["CNN"]["mean"], ARM_COLOURS["stage_c"], "Stage A+B decodes (ceiling)"),
-                (cal["shuffled"]["alignment"]["CNN"]["mean"], (150, 150, 150), "chance")]
-    for row, (key, label) in enumerate((("gen_flops", "generative-stage training FLOPs"),
-                                        ("pipeline_flops", "whole-pipeline training FLOPs"))):
+    font, small = _font(15), _font(13)
+    axes = (("gen_flops", "generative-stage training FLOPs"), ("pipeline_flops", "whole-pipeline training FLOPs"),
+            ("train_seconds_total", "training seconds (this machine, this run)"))
+    for row, (key, label) in enumerate(axes):
         top = 50 + row * panel_h
-        align = [(ARM_COLOURS[arm], [(p[key], p["alignment"]["CNN"]["mean"], p["alignment"]["CNN"]["lo"],
-                                      p["alignment"]["CNN"]["hi"]) for p in a["points"]]) for arm, a in arms.items()]
-        kid = [(ARM_COLOURS[arm], [(p[key], p["kid_oracle"]["mean"] * 1e3,
+        for col, oracle in enumerate(("CNN", "analytic")):
+            lines = [(cal["stage_a"]["alignment"][oracle]["mean"], (90, 90, 90), "Stage A recon (LDM ceiling)"),
+                     (cal["stage_ab"]["alignment"][oracle]["mean"], ARM_COLOURS["stage_c"], "Stage A+B (ceiling)"),
+                     (cal["shuffled"]["alignment"][oracle]["mean"], (150, 150, 150), "chance")]
+            series = [(ARM_COLOURS[arm], [(p.get(key), p["alignment"][oracle]["mean"], p["alignment"][oracle]["lo"],
+                                           p["alignment"][oracle]["hi"]) for p in a["points"]])
+                      for arm, a in arms.items()]
+            _panel(draw, (col * W // 3, top, (col + 1) * W // 3, top + panel_h), series, lines,
+                   f"Alignment, {oracle} oracle (95% CI)", label, font, small)
+        kid = [(ARM_COLOURS[arm], [(p.get(key), p["kid_oracle"]["mean"] * 1e3,
                                     (p["kid_oracle"]["mean"] - p["kid_oracle"]["std"]) * 1e3,
                                     (p["kid_oracle"]["mean"] + p["kid_oracle"]["std"]) * 1e3)
                                    for p in a["points"] if p["kid_oracle"]["mean"] is not None])
                for arm, a in arms.items()]
-        _panel(draw, (0, top, W // 2, top + panel_h), align, ceilings,
-               f"Alignment (CNN oracle, 95% CI) vs {label}", label, font, small)
-        _panel(draw, (W // 2, top, W, top + panel_h), kid, [],
-               f"KID-oracle x1000, lower is better (± spread) vs {label}", label, font, small)
+        _panel(draw, (2 * W // 3, top, W, top + panel_h), kid, [], "KID-oracle x1000, lower is better (± spread)",
+               label, font, small)
     title = f"Wuerstchen vs LDM baselines on Stage A's latent, {results['scale']['name']} scale"
     if results["smoke_run"]:
         title += ": a SMOKE RUN, not a result"
     draw.text((20, 14), _ascii(title), fill="black", font=_font(18))
     for i, arm in enumerate(arms):                         # legend, one line per arm
-        y = 50 + 2 * panel_h + 10 + 22 * i
+        y = 50 + 3 * panel_h + 10 + 22 * i
         draw.rectangle((20, y + 2, 34, y + 16), fill=ARM_COLOURS[arm])
         draw.text((42, y), _ascii(f"{arm}: {ARM_LABELS[arm]}"), fill="black", font=small)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -660,6 +684,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--cache-dir", default="runs/oracle_cache", help="the CNN oracle's cache (shared with experiments/evaluate.py)")
+    p.add_argument("--resume", action="store_true", help="reuse the arms an earlier run with the same settings "
+                                                          "finished in OUT (arm_NAME.json), train the others")
     p.add_argument("--quiet", action="store_true", help="print the tables only")
     p.add_argument("--report", metavar="JSON", help="only print the tables of an earlier run's efficiency.json and "
                                                     "draw its plot again, next to it")
@@ -815,8 +841,29 @@ def main(argv=None):
     log(f"FLOP counts of the frozen parts: {time.time() - t:.0f} s")
 
     # --- the arms ---
+    # Each arm starts from the same RNG state and data, so arms are independent: --resume reads the arms that a
+    # stopped run finished (OUT/arm_NAME.json) and trains the rest. The key makes sure they were made alike.
+    resume_key = json.loads(json.dumps({"scale": dataclasses.asdict(scale), "seed": args.seed, "device": str(device),
+                                        "stage_a_sha256": file_sha256(path_a), "stage_b_sha256": file_sha256(path_b),
+                                        "text_encoder": spec or "minilm"}))
     results_arms, traces, finals = {}, {}, {}
     for arm in arms:
+        saved = out / f"arm_{arm}.json"
+        if args.resume and saved.exists():
+            try:
+                record = json.loads(saved.read_text())
+                images = torch.load(out / f"arm_{arm}_images.pt", weights_only=True)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise SystemExit(f"error: --resume: {saved} or its images cannot be read ({e}); expected what "
+                                 f"an earlier run of this script wrote, or delete it to train {arm} again") from None
+            if record.get("key") != resume_key:
+                differs = sorted(k for k in resume_key if record.get("key", {}).get(k) != resume_key[k])
+                raise SystemExit(f"error: --resume: {saved} was made with other settings ({', '.join(differs)} "
+                                 f"differ); expected this run's, or delete it to train {arm} again")
+            results_arms[arm], traces[arm] = record["info"], record["info"]["trace"]
+            finals[arm] = images.float() / 255
+            log(f"\n{arm}: finished by an earlier run, read from {saved}")
+            continue
         torch.set_rng_state(init_rng)                        # where train.py stands when it builds Stage C
         model = build_denoiser(arm, scale, compressor.config.c_semantic, vqgan.config.c_latent,
                                encoder.width).to(device)
@@ -848,7 +895,10 @@ def main(argv=None):
             point = {"step": step, "samples_seen": trace["samples_seen"], "samples_encoded": encoded,
                      "gen_flops": gen_flops, "frozen_flops": frozen_flops,
                      "pipeline_flops": None if fixed is None else gen_flops + frozen_flops + fixed[arm],
-                     "train_seconds": round(trace["train_seconds"], 1), "loss": trace["last_loss"]} | m
+                     "train_seconds": round(trace["train_seconds"], 1),
+                     "train_seconds_total": round(sum(p["train_seconds"] for p in info["points"])
+                                                  + trace["train_seconds"], 1),
+                     "loss": trace["last_loss"]} | m
             info["points"].append(point)
             finals[arm] = images
             state = {"arm": arm, "step": step, "config": dataclasses.asdict(live.config), "ema": ema.state_dict()}
@@ -869,6 +919,10 @@ def main(argv=None):
         traces[arm] = {k: v for k, v in trace.items() if k != "seen"} | {"distinct_samples": len(trace["seen"])}
         info["trace"] = traces[arm]
         results_arms[arm] = info
+        atomic_save((finals[arm] * 255).round().to(torch.uint8), out / f"arm_{arm}_images.pt")
+        tmp = saved.with_suffix(".json.tmp")               # written whole, then renamed: never half a record
+        tmp.write_text(json.dumps({"key": resume_key, "info": info}))
+        tmp.replace(saved)
 
     # --- decisions ---
     decisions = []

@@ -175,6 +175,25 @@ def test_end_to_end_writes_valid_json_table_and_plot(micro_run):
     assert (out / "efficiency_samples.png").exists() and (out / "efficiency.md").read_text().strip() in printed
 
 
+def test_resume_reads_finished_arms_and_refuses_other_settings(micro_run):
+    out, _, results = micro_run
+    common = ["--dry-run", "--threads", "1", "--out", str(out), "--cache-dir", str(out / "oracle_cache"), "--quiet",
+              "--stage-a", results["checkpoints"]["stage_a"], "--stage-b", results["checkpoints"]["stage_b"]]
+    written = {arm: (out / f"arm_{arm}.json").stat().st_mtime_ns for arm in eff.ARMS}
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            again = eff.main(common + ["--resume"])
+        # read back, not trained again: the records are untouched and the results the same
+        assert written == {arm: (out / f"arm_{arm}.json").stat().st_mtime_ns for arm in eff.ARMS}
+        assert again["arms"] == json.loads(json.dumps(results["arms"]))
+        assert again["verdict"] == results["verdict"]
+        with pytest.raises(SystemExit, match=r"--resume: .*arm_stage_c\.json was made with other settings \(seed"):
+            eff.main(common + ["--resume", "--seed", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_arms_train_on_identical_data_text_and_settings(micro_run):
     """Recorded by train_arm from what each arm actually used: the same batches (indices and captions, in order), the
     same text tokens fed to the model, the same empty-caption tokens, TrainConfig and AdamW settings, and at every
