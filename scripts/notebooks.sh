@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Regenerates the teaching notebooks (notebooks/*.ipynb) with their outputs: notebooks/build.py writes them from its
-# cells, runs them with nbclient on .venv's Python and saves them with downsized pictures. See notebooks/README.md.
 # Usage: bash scripts/notebooks.sh [--only 01 03] [--no-execute]
 #   WUERSTCHEN_RUN=runs/tiny bash scripts/notebooks.sh     use the checkpoints of `bash scripts/demo.sh`
-#   (without WUERSTCHEN_RUN, tiny models are trained in runs/notebooks/, a few minutes per stage, and reused)
+#   (unset: the shipped weights, weights/shapes/; WUERSTCHEN_RUN=train trains tiny models in runs/notebooks/)
+# Re-runs the teaching notebooks and saves notebooks/*.ipynb with their outputs: notebooks/build.py reads each one's
+# cells from its paired notebooks/NN_name.py, runs them with nbclient on .venv's Python and downsizes the pictures.
+# Editing a notebook needs only `jupytext --sync`; this is for when code changed and the outputs must follow.
+# See notebooks/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh requirements-test.txt
