@@ -1,9 +1,10 @@
-"""Text → image with the three stages: Stage C → Stage B → Stage A (Würstchen, arXiv 2306.00637, Fig. 2).
-
+"""Usage:
     python sample.py "a red star on the left"                     # the shipped weights (weights/shapes/)
     python sample.py "a small red circle at the top left" --run runs/tiny
     python sample.py "an astronaut" --stage-c wuerstchen-prior/prior --stage-b wuerstchen/decoder \\
         --stage-a wuerstchen/vqgan --text-encoder-c wuerstchen-prior --text-encoder-b wuerstchen --size 1024
+
+Text → image with the three stages: Stage C → Stage B → Stage A (Würstchen, arXiv 2306.00637, Fig. 2).
 
 1. Stage C denoises a 16×(H/42.67)×(W/42.67) latent from the caption (CLIP ViT-bigG tokens for the release),
    which maps back to the semantic latent (released: × 42 − 1).
@@ -380,7 +381,7 @@ def device_value(text: str) -> torch.device:
 
 def parse_args(argv=None):
     p = OneLineParser(description="Text → image with Würstchen's three stages.",
-                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="*", help="captions to draw")
     p.add_argument("--demo-prompts", action="store_true", help="also draw the fixed demo prompts (data.DEMO_PROMPTS)")
     p.add_argument("--run", default=None,

@@ -1,7 +1,11 @@
-"""Train one Würstchen stage: `python train.py --stage {a,b,c} --preset tiny --out runs/tiny`.
+"""Usage:
+    python train.py --stage {a,b,c} --preset tiny --out runs/tiny          # A first, then B, then C
+    python train.py --stage c --preset tiny --out runs/tiny --resume --steps 16000
+    torchrun --nproc_per_node 2 train.py --stage c --preset small --data my_images --out runs/mine
 
-The order is A → B → C, as in the paper (Sec. 4): Stage B trains on the frozen Stage A's latents and learns its
-semantic compressor jointly; Stage C trains on the semantic latents of Stage B's frozen compressor.
+Train one Würstchen stage. The order is A → B → C, as in the paper (Sec. 4): Stage B trains on the frozen Stage
+A's latents and learns its semantic compressor jointly; Stage C trains on the semantic latents of Stage B's frozen
+compressor.
 
 - Every field of the stage's config (stage_x.py) and of the training config below is a flag (`--depth 6`,
   `--c-hidden 32,64,64`, `--lr 3e-4`); the preset gives the defaults.
@@ -63,7 +67,7 @@ class TrainConfig:
     max_bad_steps: int = 20      # stop after this many non-finite losses in a row
     dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
     cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
-    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out, for experiments/evaluate.py's held-out rows
+    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out (experiments/evaluate.py's held-out rows)
 
 
 OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
@@ -74,7 +78,8 @@ TRAIN_PRESETS = {
     #   (CNN 0.94-0.96), and its MSE was still falling at 2,000 (0.0017). Its GAN term is left off for these
     #   weights (scripts/train_weights.sh: --no-adversarial): switched on at step 2,000 at this learning rate, it
     #   raised the MSE to 0.011-0.014 within 600 steps and drew a checkerboard over flat backgrounds.
-    # - B 16,000 steps: its ceiling (experiments/evaluate.py --no-generation, single object, CNN, small / large shapes) rose
+    # - B 16,000 steps: its ceiling (experiments/evaluate.py --no-generation, single object, CNN, small / large
+    #   shapes) rose
     #   from 0.34 / 0.44 at 1,500 steps to 0.82 / 0.88 at 12,000, about +0.15 per doubling, still climbing.
     # - C 8,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
@@ -133,7 +138,7 @@ def field_flags(parser, group_name: str, config) -> dict:
 
 def parse_args(argv=None):
     # --help is added last, so that it lists the flags of the chosen stage's config too.
-    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+    p = OneLineParser(description="Train one Würstchen stage (A, then B, then C).", formatter_class=argparse.RawTextHelpFormatter,
                       add_help=False)
     p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
     p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",

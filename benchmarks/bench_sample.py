@@ -1,7 +1,8 @@
-"""Sampling speed: ours against diffusers' Würstchen (0.42.1) at the same weights, timesteps, guidance and seed.
-
+"""Usage:
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_sample.py --preset tiny small --threads 1 --runs 9
     .venv/bin/python benchmarks/bench_sample.py --preset paper --device cuda --precision bf16 --batch 1 4
+
+Sampling speed: ours against diffusers' Würstchen (0.42.1) at the same weights, timesteps, guidance and seed.
 
 What is compared. For each preset, diffusers' WuerstchenPrior, WuerstchenDiffNeXt and PaellaVQModel are built with
 the preset's sizes (`diffusers_kwargs` maps our configs to their constructor arguments), filled with seeded random
@@ -359,7 +360,7 @@ def table(results: list[dict], cpu: bool) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny", "small"], choices=sorted(SIDES))
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="images per run (each is one table block)")

@@ -1,7 +1,8 @@
-"""Training speed per stage: samples/s, peak memory and model FLOPs per sample (so that GPU runs report MFU).
-
+"""Usage:
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_train.py --preset tiny --threads 2
     .venv/bin/python benchmarks/bench_train.py --preset small paper --device cuda --precision bf16
+
+Training speed per stage: samples/s, peak memory and model FLOPs per sample (so that GPU runs report MFU).
 
 One row per preset and stage: the stage's own `loss` (as train.py calls it, Stage B with its compressor training
 jointly), backward and an AdamW step, under the autocast train.py uses; image sizes and batches are train.py's
@@ -126,7 +127,7 @@ def table(rows: list[dict], peak: float | None) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny"], choices=["tiny", "small", "paper"])
     p.add_argument("--stages", default="abc", help="which stages, e.g. 'bc'")

@@ -1,7 +1,8 @@
-"""One training step of each stage and one sampling run, timed: the GPU check of issue 3.
-
+"""Usage:
     .venv/bin/python benchmarks/gpu_smoke.py                          # small preset, 256², bf16 on CUDA
     .venv/bin/python benchmarks/gpu_smoke.py --preset tiny --device cpu --precision fp32   # a CPU dry run
+
+One training step of each stage and one sampling run, timed: the GPU check of issue 3.
 
 Random weights and random text tokens (77 × 384, the width of the project's MiniLM encoder), so that it needs no
 checkpoint and no text encoder: it measures the models, not the data pipeline. Each training row is AdamW steps
@@ -64,7 +65,7 @@ def train_row(name, model, loss_fn, device, autocast, steps, warmup, batch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--preset", default="small", choices=sorted(SIDES))
     p.add_argument("--device", default="cuda")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])

@@ -1,12 +1,13 @@
-"""The paper's central claim at small scale: is a text-conditional diffusion model cheaper to train in Würstchen's
-compressed semantic space (Stage C, decoded by Stage B) than directly on Stage A's f4 latent, like a classic latent
-diffusion model (LDM), for the same prompt alignment?
-
-    python experiments/efficiency.py --run runs/tiny                  # CPU smoke run: ≤ 30 min on 2 cores with A and B given
+"""Usage:
+    python experiments/efficiency.py --run runs/tiny              # CPU smoke run: ≤ 30 min on 2 cores, A and B given
     python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2     # the deciding CPU run, hours
     python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2 --resume   # go on after a stop
     python experiments/efficiency.py --scale gpu --run runs/big       # the larger scale, for one GPU
     python experiments/efficiency.py --scale gpu --dry-run            # its code path with micro sizes, anywhere
+
+The paper's central claim at small scale: is a text-conditional diffusion model cheaper to train in Würstchen's
+compressed semantic space (Stage C, decoded by Stage B) than directly on Stage A's f4 latent, like a classic latent
+diffusion model (LDM), for the same prompt alignment?
 
 It prints the decision rule first, then trains every arm, evaluates each at four checkpoints, and prints the tables;
 it writes OUT/efficiency.json, OUT/efficiency.md, the plot OUT/efficiency.png and sample images of each arm.
@@ -28,7 +29,7 @@ P2-weighted ε-MSE. They differ only in the denoiser and the space it denoises:
 Both Prior-based arms have the same parameter count up to their 1×1 input and output convolutions; the U-Net's is
 printed next to them.
 
-Measured at each checkpoint (EMA weights, as experiments/evaluate.py): prompt alignment, the unweighted mean of experiments/evaluate.py's
+Measured at each checkpoint (EMA weights, as experiments/evaluate.py): prompt alignment, the unweighted mean of its
 six GenEval-style categories per image, by both oracles, with a 95% bootstrap interval over prompts (EVAL_SEED
 prompts, which training never sees); KID-oracle, FD-oracle and precision/recall on the CNN oracle's features against
 real renders of other prompts (REFERENCE_SEED). Calibration rows: real images (ceiling), real images with shuffled
@@ -683,7 +684,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="data, initialisation and noise seed (train.py's default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--cache-dir", default="runs/oracle_cache", help="the CNN oracle's cache (shared with experiments/evaluate.py)")
+    p.add_argument("--cache-dir", default="runs/oracle_cache",
+                   help="the CNN oracle's cache (shared with experiments/evaluate.py)")
     p.add_argument("--resume", action="store_true", help="reuse the arms an earlier run with the same settings "
                                                           "finished in OUT (arm_NAME.json), train the others")
     p.add_argument("--quiet", action="store_true", help="print the tables only")
@@ -726,7 +728,8 @@ def report_only(path: Path) -> dict:
         results = json.loads(path.read_text())
         report = tables(results)
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: --report {path}: not an experiments/efficiency.py result ({type(e).__name__}: {e})") from None
+        raise SystemExit(f"error: --report {path}: not an experiments/efficiency.py result "
+                         f"({type(e).__name__}: {e})") from None
     print(report)
     path.with_suffix(".md").write_text(report + "\n")
     plot(results, path.with_suffix(".png"))
@@ -902,7 +905,7 @@ def main(argv=None):
             info["points"].append(point)
             finals[arm] = images
             state = {"arm": arm, "step": step, "config": dataclasses.asdict(live.config), "ema": ema.state_dict()}
-            if arm == "stage_c":     # train.py's layout, so that sample.py and experiments/evaluate.py load it as a Stage C
+            if arm == "stage_c":     # train.py's layout: sample.py and experiments/evaluate.py load it as a Stage C
                 state |= {"stage": "c", "skipped": trace["skipped"], "train": dataclasses.asdict(cfg),
                           "text_encoder": spec or "minilm", "text_length": length or 32, "model": live.state_dict()}
             atomic_save(state, out / f"{arm}_{step:06d}.pt")

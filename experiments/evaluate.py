@@ -1,6 +1,7 @@
-"""Measure a trained Würstchen on the built-in shapes: prompt alignment, reconstruction, and distribution metrics.
-
+"""Usage:
     python experiments/evaluate.py --run runs/tiny --n 200
+
+Measure a trained Würstchen on the built-in shapes: prompt alignment, reconstruction, and distribution metrics.
 
 Prompts are captions of the shapes dataset drawn with a seed that training does not use (EVAL_SEED), so every
 prompt comes with the ground truth of a real image. Two oracles read images back into scenes (objects with colour,

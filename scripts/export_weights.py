@@ -1,6 +1,7 @@
-"""Export a train.py run's EMA weights as safetensors files with a SHA256SUMS manifest: the shipped weights' format.
-
+"""Usage:
     python scripts/export_weights.py --run runs/shipped --to weights/shapes
+
+Export a train.py run's EMA weights as safetensors files with a SHA256SUMS manifest: the shipped weights' format.
 
 Each stage becomes `stage_x.safetensors`: its EMA weights as trained (fp32) and one metadata entry
 (sample.METADATA_KEY) with what sample.load_stage needs to rebuild the model (stage, config, text encoder, training
@@ -51,7 +52,7 @@ def check_export(stage: str, checkpoint: Path, target: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--run", default="runs/shipped", help="folder with train.py's stage_a/b/c.pt")
     p.add_argument("--to", default=str(sample.SHIPPED), help="folder to write the .safetensors files and SHA256SUMS")
     p.add_argument("--stages", default="abc", choices=["a", "ab", "abc"], help="which stages to export (default all)")

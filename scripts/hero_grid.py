@@ -1,7 +1,8 @@
-"""The README's figure: each demo prompt beside the images a run draws for it (4 seeds in a row, upscaled 2×).
-
+"""Usage:
     python scripts/hero_grid.py --out docs/shipped_grid.png                      # the shipped weights
     python scripts/hero_grid.py --run runs/tiny --out docs/demo_grid.png         # a demo run
+
+The README's figure: each demo prompt beside the images a run draws for it (4 seeds in a row, upscaled 2×).
 
 Images come from sample.generate with sample.py's defaults (released timesteps, prior guidance 4); image j of a
 row is the one `sample.py PROMPT --seed j` makes.
@@ -54,7 +55,7 @@ def draw(run: Path, seeds: int) -> Image.Image:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--run", default=str(SHIPPED), help="folder of checkpoints (default: the shipped weights)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--out", required=True, help="PNG to write")

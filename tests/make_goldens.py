@@ -1,8 +1,10 @@
-"""Write tests/fixtures/parity_golden.safetensors: diffusers' own outputs for one small config of each Würstchen
+"""Usage:
+    .venv/bin/python tests/make_goldens.py         # from the repository root, with diffusers 0.42.1
+
+Write tests/fixtures/parity_golden.safetensors: diffusers' own outputs for one small config of each Würstchen
 module, so that tests/test_parity_modules.py keeps checking parity after diffusers drops these deprecated classes.
 
-Run by hand, from the repository root, with the diffusers version that parity was verified against (0.42.1):
-    .venv/bin/python tests/make_goldens.py
+Run it by hand, with the diffusers version that parity was verified against (0.42.1).
 
 The file holds, per module (prefix `vqgan/`, `decoder/`, `prior/`):
 - `<prefix>sd/<key>`: the diffusers state dict after seeded re-randomisation (conftest.randomize);
