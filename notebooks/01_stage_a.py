@@ -52,8 +52,8 @@ nb.table([["tiny (this notebook)", cfg.c_latent, f"{cfg.codebook_size:,}", *part
 # %% [markdown]
 # ## 1. An image goes to its f4 latent and back
 #
-# The images below come from the built-in shapes data set with `experiments/evaluate.py`'s `EVAL_SEED`, a seed training never
-# uses. `encode` gives the latent Stage B works in (the un-quantized encoder output ÷ the scale factor) and
+# The images below come from the built-in shapes data set with `EVAL_SEED` (experiments/evaluate.py), a seed
+# training never uses. `encode` gives the latent Stage B works in (the un-quantized encoder output ÷ the scale factor) and
 # `decode` turns it back into pixels.
 
 # %%

@@ -104,13 +104,13 @@ print(f"In this notebook, at {tiny_row['side']}²: {tiny_row['per_side']:g}× pe
 # ## 2. What the latent keeps, and what it loses
 #
 # Stage B decodes from the semantic latent: it denoises a Stage A latent from pure noise, guided by the 16×4×4
-# numbers (and the caption), and Stage A turns it into pixels (`decode_semantic` in experiments/evaluate.py, the second half of
-# `sample.generate`). Against it: **naive downsampling** of the image to about as many values as the semantic
+# numbers (and the caption), and Stage A turns it into pixels (`decode_semantic` in experiments/evaluate.py, the
+# second half of `sample.generate`). Against it: **naive downsampling** of the image to about as many values as the semantic
 # latent has (a k×k RGB thumbnail with 3·k² at most that many), scaled back up with bicubic interpolation.
 #
 # Two yardsticks: PSNR against the original (pixel fidelity), and whether the caption still holds for the
-# result, as read by the project's analytic oracle (`AnalyticDetector` in experiments/evaluate.py: background, colour, shape
-# and grid cell of each shape).
+# result, as read by the project's analytic oracle (`AnalyticDetector` in experiments/evaluate.py: background,
+# colour, shape and grid cell of each shape).
 
 # %%
 M = nb.pick(48, 6)
@@ -208,4 +208,5 @@ nb.plt.show()
 # **Summary.** The semantic latent is a drastic compression: 341:1 by elements at 1024² (asserted above),
 # against Stage A's 12:1. The released model shows that this is enough to keep a picture's content and layout
 # and to leave the exact pixels to Stage B; the tiny models here, trained for about 80 minutes on a CPU, do so
-# for shapes on a flat background, with soft edges (section 2). It is what makes Stage C cheap: notebook 3 generates this latent from text.
+# for shapes on a flat background, with soft edges (section 2). It is what makes Stage C cheap: notebook 3
+# generates this latent from text.
