@@ -67,7 +67,7 @@ class TrainConfig:
     max_bad_steps: int = 20      # stop after this many non-finite losses in a row
     dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
     cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
-    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out (experiments/evaluate.py's held-out rows)
+    hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out (for experiments/evaluate.py)
 
 
 OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
@@ -138,8 +138,8 @@ def field_flags(parser, group_name: str, config) -> dict:
 
 def parse_args(argv=None):
     # --help is added last, so that it lists the flags of the chosen stage's config too.
-    p = OneLineParser(description="Train one Würstchen stage (A, then B, then C).", formatter_class=argparse.RawTextHelpFormatter,
-                      add_help=False)
+    p = OneLineParser(description="Train one Würstchen stage (A, then B, then C).",
+                      formatter_class=argparse.RawTextHelpFormatter, add_help=False)
     p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
     p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",
                    help="model and training defaults (tiny: CPU demo, small: one GPU, paper: released)")
@@ -524,6 +524,212 @@ TASKS = {"a": TaskA, "b": TaskB, "c": TaskC}
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What the loop leans on: saving, skipped steps, BatchNorm statistics, the log
+# ----------------------------------------------------------------------------------------------------------------
+class Checkpointer:
+    """Owns the checkpoint that --resume continues from: what goes in it, writing it atomically, and what is left
+    when a write fails. Under DDP, rank 0 writes and every rank learns whether it could, so that none waits for it
+    forever. `saved_step` is the step of the last checkpoint this run wrote or resumed from (None: none yet)."""
+
+    def __init__(self, path: Path, meta: dict, model, ema, opt, scaler, disc, disc_opt, rank: int, world: int,
+                 device):
+        self.path, self.meta, self.rank, self.world, self.device = path, meta, rank, world, device
+        self.model, self.ema, self.opt, self.scaler, self.disc, self.disc_opt = model, ema, opt, scaler, disc, disc_opt
+        self.saved_step = None
+
+    def restore(self, ckpt: dict) -> tuple[int, int]:
+        """Load a checkpoint read by load_training_checkpoint into the live objects; returns (step, skipped)."""
+        stage = self.meta["stage"]
+        try:                              # the config came from the same file, so a mismatch means damage
+            load_strict = STAGES[stage]._load_strict
+            load_strict(self.model, ckpt["model"], f"stage {stage.upper()} (model weights)", self.path)
+            load_strict(self.ema, ckpt["ema"], f"stage {stage.upper()} (EMA weights)", self.path)
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.disc_opt is not None:
+                self.disc.load_state_dict(ckpt["discriminator"])
+                self.disc_opt.load_state_dict(ckpt["disc_optimizer"])
+            if self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt["scaler"])
+            step, skipped = int(ckpt["step"]), int(ckpt["skipped"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if self.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], self.device)
+        except KeyError as e:
+            hint = "; the run used --no-adversarial, pass it again" if e.args[0] == "discriminator" else ""
+            raise SystemExit(f"error: --resume: {self.path} has no {e.args[0]!r}{hint}") from None
+        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise SystemExit(f"error: --resume: {self.path} does not fit this run ({first_line(e)})") from None
+        self.saved_step = step
+        return step, skipped
+
+    def state(self, step: int, skipped: int) -> dict:
+        return {"stage": self.meta["stage"], "step": step, "skipped": skipped, **self.meta,   # the earlier order
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                **({"discriminator": self.disc.state_dict(), "disc_optimizer": self.disc_opt.state_dict()}
+                   if self.disc_opt is not None else {}),
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
+
+    def save(self, step: int, skipped: int):
+        """Write the checkpoint of `step`, or stop every rank with one line that says what is left."""
+        error = None
+        if self.rank == 0:
+            try:
+                atomic_save(self.state(step, skipped), self.path)
+            except (OSError, RuntimeError) as e:     # torch reports a failed write (disk full) as a RuntimeError
+                kept = f"the checkpoint of step {self.saved_step} is intact" if self.saved_step is not None else \
+                    "the file there is left as it was" if self.path.exists() else "no checkpoint has been written"
+                error = f"error: saving {self.path} at step {step} failed ({first_line(e)}); {kept}"
+        if self.world > 1:
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+            dist.broadcast(failed, 0)
+            if failed.item() and error is None:
+                raise SystemExit(f"error: rank {self.rank}: rank 0 could not save {self.path} at step {step}; "
+                                 f"stopped")
+        if error is not None:
+            raise SystemExit(error)
+        self.saved_step = step
+
+    def stop_on_undecodable(self, e: UndecodableFolder, step: int, skipped: int):
+        """A folder whose images no longer decode: no weight has changed this step, so save the steps done first."""
+        if step and step != self.saved_step:
+            self.save(step, skipped)
+        kept = f"the checkpoint of step {self.saved_step} is in {self.path}" if self.saved_step is not None else \
+            "no checkpoint has been written"
+        raise SystemExit(f"error: {e}; stopped, and {kept}") from None
+
+
+class BadSteps:
+    """Counts non-finite steps in a row; stops the run, pointing at the last good checkpoint, after `limit`."""
+
+    def __init__(self, limit: int, checkpointer: Checkpointer):
+        self.limit, self.in_a_row, self.checkpointer = limit, 0, checkpointer
+
+    def passed(self):
+        self.in_a_row = 0
+
+    def failed(self, step: int):
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            saved, path = self.checkpointer.saved_step, self.checkpointer.path
+            kept = f"the last good checkpoint, of step {saved}, is kept" if saved is not None else \
+                "no checkpoint was written by this run"
+            raise SystemExit(f"error: {self.in_a_row} non-finite losses or gradients in a row (steps "
+                             f"{step - self.in_a_row + 2}–{step + 1}); stopped, and {kept} in {path}. Try a lower "
+                             f"--lr or --precision fp32.")
+
+
+class Buffers:
+    """The forward pass updates BatchNorm statistics even on a step that gets skipped or cut short, and a batch with
+    NaN activations would leave NaN in them for good: a copy is taken before each step, to put back."""
+
+    def __init__(self, *modules):
+        self.buffers = [b for m in modules if m is not None for b in m.buffers()]
+
+    def snapshot(self) -> list:
+        return [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def restore(self, saved: list):
+        for b, before in zip(self.buffers, saved):
+            b.copy_(before)
+
+
+class JsonLog:
+    """The JSONL log (rank 0 only). A failed write (say, a full disk) costs the log, never the training."""
+
+    def __init__(self, path: Path, step: int, enabled: bool, warn):
+        self.path, self.warn = path, warn
+        try:
+            self.file = open_log(path, step) if enabled else None
+        except OSError as e:
+            raise SystemExit(f"error: cannot write the log {path} ({first_line(e)})") from None
+
+    def write(self, record: dict):
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.warn(f"warning: cannot write the log {self.path} ({first_line(e)}); training goes on without it")
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+
+def write_grid(task, ema, batches: Batches, path: Path, device, warn):
+    """Samples for the first 8 captions of batch 0 (the same every time); a grid is for looking at, so a failed
+    write is a warning."""
+    images, captions, _ = batches(0)
+    try:
+        save_grid(task.grid(ema, images[:8].to(device), captions[:8]), path)
+    except OSError as e:
+        warn(f"warning: cannot write the image grid {path} ({first_line(e)}); training goes on")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step, in pieces
+# ----------------------------------------------------------------------------------------------------------------
+def accumulate_gradients(task, loss_module, batches: Batches, scaler, autocast, step: int, cfg: TrainConfig,
+                         seed: int, rank: int, world: int, device):
+    """Forward and backward over the step's cfg.grad_accum micro-batches; DDP averages the gradients once, on the
+    last. Returns the mean loss, the mean of the scalar loss parts, and the last micro-batch's images and parts
+    (the discriminator's step uses them)."""
+    total, logged = 0.0, {}
+    for micro in range(cfg.grad_accum):
+        images, captions, indices = batches(step * cfg.grad_accum + micro)
+        images = images.to(device, non_blocking=True)
+        gen = step_generator(seed, step * cfg.grad_accum + micro, rank, device)
+        sync = micro == cfg.grad_accum - 1 or world == 1
+        with autocast, (nullcontext() if sync else loss_module.no_sync()):
+            loss, parts = task.loss(loss_module, images, captions, indices, gen, step)
+            scaler.scale(loss / cfg.grad_accum).backward()
+        total += loss.item() / cfg.grad_accum
+        for k, v in parts.items():
+            if v.dim() == 0:
+                logged[k] = logged.get(k, 0.0) + v.item() / cfg.grad_accum
+    return total, logged, images, parts
+
+
+def mean_over_ranks(value: float, world: int, device) -> float:
+    """Under DDP, the mean of a number over the ranks: what is logged, and what all ranks decide to skip on."""
+    if world == 1:
+        return value
+    reduced = torch.tensor([value], device=device)
+    dist.all_reduce(reduced)
+    return reduced.item() / world
+
+
+def clip_gradients(model, opt, scaler, loss: float, max_norm: float) -> float | None:
+    """The clipped gradient norm, or None when the step must be skipped: the loss (the same on every rank, from
+    mean_over_ranks) or the gradient is not finite."""
+    if not math.isfinite(loss):
+        return None
+    scaler.unscale_(opt)
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    # A finite loss with an inf gradient would still make every weight NaN. (fp16's scaler skips such steps
+    # itself, and lowers its scale.) DDP has averaged the gradients, so the ranks agree.
+    return norm if scaler.is_enabled() or math.isfinite(norm) else None
+
+
+def discriminator_step(disc, disc_opt, images, recon, autocast, world: int) -> float:
+    """Stage A's patch discriminator learns to tell real images from reconstructions. It is not DDP-wrapped, so
+    its gradients are averaged over the ranks here."""
+    with autocast:
+        d_loss = stage_a.discriminator_loss(disc, images, recon)
+    disc_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    if world > 1:
+        for p in disc.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= world
+    disc_opt.step()
+    return d_loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -559,30 +765,13 @@ def main(argv=None):
     for frozen in task.frozen:
         frozen.eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    disc_opt = torch.optim.AdamW(task.disc.parameters(), lr=train_cfg.lr) if getattr(task, "disc", None) else None
+    disc = getattr(task, "disc", None)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=train_cfg.lr) if disc is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, skipped = 0, 0
-    if resume is not None:
-        try:                              # the config came from the same file, so a mismatch means damage
-            load_strict = STAGES[args.stage]._load_strict
-            load_strict(model, resume["model"], f"stage {args.stage.upper()} (model weights)", ckpt_path)
-            load_strict(ema, resume["ema"], f"stage {args.stage.upper()} (EMA weights)", ckpt_path)
-            opt.load_state_dict(resume["optimizer"])
-            if disc_opt is not None:
-                task.disc.load_state_dict(resume["discriminator"])
-                disc_opt.load_state_dict(resume["disc_optimizer"])
-            if scaler.is_enabled():
-                scaler.load_state_dict(resume["scaler"])
-            step, skipped = int(resume["step"]), int(resume["skipped"])
-            torch.set_rng_state(resume["rng"]["torch"])
-            if device.type == "cuda" and resume["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
-        except KeyError as e:
-            hint = "; the run used --no-adversarial, pass it again" if e.args[0] == "discriminator" else ""
-            raise SystemExit(f"error: --resume: {ckpt_path} has no {e.args[0]!r}{hint}") from None
-        except (ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise SystemExit(f"error: --resume: {ckpt_path} does not fit this run ({first_line(e)})") from None
-    saved_step = step if resume is not None else None
+    meta = {"stage": args.stage, "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
+            "text_encoder": args.text_encoder, "text_length": args.text_length}
+    saver = Checkpointer(ckpt_path, meta, model, ema, opt, scaler, disc, disc_opt, rank, world, device)
+    step, skipped = saver.restore(resume) if resume is not None else (0, 0)
     loss_module = LossModule(model)
     if world > 1:
         loss_module = torch.nn.parallel.DistributedDataParallel(
@@ -598,160 +787,58 @@ def main(argv=None):
         print(task.describe(cfg, train_cfg))
         if step:
             print(f"resuming from {ckpt_path} at step {step}")
-
-    def checkpoint():
-        nonlocal saved_step
-        error = None
-        if main_process:
-            error = save_checkpoint()
-        if world > 1:                     # every rank learns whether rank 0 saved, so that none waits for it forever
-            failed = torch.tensor([error is not None], dtype=torch.int32, device=device)
-            dist.broadcast(failed, 0)
-            if failed.item() and error is None:
-                raise SystemExit(f"error: rank {rank}: rank 0 could not save {ckpt_path} at step {step}; stopped")
-        if error is not None:
-            raise SystemExit(error)
-        saved_step = step
-
-    def save_checkpoint() -> str | None:
-        """Rank 0 writes the checkpoint; returns None, or the one-line error to stop with."""
-        state = {
-            "stage": args.stage, "step": step, "skipped": skipped,
-            "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(train_cfg),
-            "text_encoder": args.text_encoder, "text_length": args.text_length,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(),
-            **({"discriminator": task.disc.state_dict(), "disc_optimizer": disc_opt.state_dict()}
-               if disc_opt is not None else {}),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }
-        try:
-            atomic_save(state, ckpt_path)
-        except (OSError, RuntimeError) as e:      # torch reports a failed write (disk full) as a RuntimeError
-            kept = f"the checkpoint of step {saved_step} is intact" if saved_step is not None else \
-                "the file there is left as it was" if ckpt_path.exists() else "no checkpoint has been written"
-            return f"error: saving {ckpt_path} at step {step} failed ({first_line(e)}); {kept}"
-        return None
-
-    def write_grid():
-        if main_process:
-            images, captions, _ = batches(0)                              # the same images every time
-            path = out / f"stage_{args.stage}_{step:06d}.png"
-            try:
-                save_grid(task.grid(ema, images[:8].to(device), captions[:8]), path)
-            except OSError as e:                  # a grid is for looking at: training goes on without it
-                bar.write(f"warning: cannot write the image grid {path} ({first_line(e)}); training goes on")
-
-    def end_of_step():
-        if step % train_cfg.save_every == 0 or step == train_cfg.steps:
-            checkpoint()
-        if step % train_cfg.sample_every == 0 or step == train_cfg.steps:
-            write_grid()
-
-    log_path = out / f"stage_{args.stage}.log.jsonl"
-    try:
-        log = open_log(log_path, step) if main_process else None
-    except OSError as e:
-        raise SystemExit(f"error: cannot write the log {log_path} ({first_line(e)})") from None
     bar = tqdm(total=train_cfg.steps, initial=step, disable=not main_process or args.no_progress,
                desc=f"stage {args.stage}", dynamic_ncols=True)
+    log = JsonLog(out / f"stage_{args.stage}.log.jsonl", step, main_process, bar.write)
+    bad_steps, buffers = BadSteps(train_cfg.max_bad_steps, saver), Buffers(model, disc)
     model.train()
-    bad_in_a_row, t0 = 0, time.time()
-    buffers = list(model.buffers()) + (list(task.disc.buffers()) if disc_opt is not None else [])
-
-    @torch.no_grad()
-    def restore_buffers(saved):
-        for b, before in zip(buffers, saved):
-            b.copy_(before)
+    t0 = time.time()
 
     while step < train_cfg.steps:
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, train_cfg)
-        # The forward pass updates BatchNorm statistics even on a step that gets skipped or cut short, and a batch
-        # with NaN activations would leave NaN in them for good: keep a copy to put back.
-        buffers_before = [b.detach().clone() for b in buffers]
-        total, parts_sum = 0.0, {}
+        before = buffers.snapshot()
         try:
-            for micro in range(train_cfg.grad_accum):
-                images, captions, indices = batches(step * train_cfg.grad_accum + micro)
-                images = images.to(device, non_blocking=True)
-                gen = step_generator(args.seed, step * train_cfg.grad_accum + micro, rank, device)
-                sync = micro == train_cfg.grad_accum - 1 or world == 1
-                with autocast, (nullcontext() if sync else loss_module.no_sync()):
-                    loss, parts = task.loss(loss_module, images, captions, indices, gen, step)
-                    scaler.scale(loss / train_cfg.grad_accum).backward()
-                total += loss.item() / train_cfg.grad_accum
-                for k, v in parts.items():
-                    if v.dim() == 0:
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / train_cfg.grad_accum
-        except UndecodableFolder as e:            # no weight has changed this step: keep the steps done so far
-            restore_buffers(buffers_before)
-            if step and step != saved_step:
-                checkpoint()
-            kept = f"the checkpoint of step {saved_step} is in {ckpt_path}" if saved_step is not None else \
-                "no checkpoint has been written"
-            raise SystemExit(f"error: {e}; stopped, and {kept}") from None
-        if world > 1:                                                     # all ranks must agree to skip a step
-            reduced = torch.tensor([total], device=device)
-            dist.all_reduce(reduced)
-            total = reduced.item() / world
-        finite = math.isfinite(total)
-        if finite:
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            # A finite loss with an inf gradient would still make every weight NaN. (fp16's scaler skips such
-            # steps itself, and lowers its scale.) DDP has averaged the gradients, so the ranks agree.
-            finite = scaler.is_enabled() or math.isfinite(grad_norm)
-        if not finite:                                                    # skip the step, keep the weights
+            loss, logged, images, parts = accumulate_gradients(task, loss_module, batches, scaler, autocast, step,
+                                                               train_cfg, args.seed, rank, world, device)
+        except UndecodableFolder as e:
+            buffers.restore(before)
+            saver.stop_on_undecodable(e, step, skipped)
+        loss = mean_over_ranks(loss, world, device)                      # all ranks must agree to skip a step
+        grad_norm = clip_gradients(model, opt, scaler, loss, train_cfg.grad_clip)
+        if grad_norm is None:                                             # skip the step, keep the weights
             opt.zero_grad(set_to_none=True)
-            restore_buffers(buffers_before)
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            if bad_in_a_row >= train_cfg.max_bad_steps:
-                kept = f"the last good checkpoint, of step {saved_step}, is kept" if saved_step is not None else \
-                    "no checkpoint was written by this run"
-                raise SystemExit(f"error: {bad_in_a_row} non-finite losses or gradients in a row (steps "
-                                 f"{step - bad_in_a_row + 2}–{step + 1}); stopped, and {kept} in {ckpt_path}. Try a "
-                                 f"lower --lr or --precision fp32.")
-            step += 1
-            bar.update(1)
-            end_of_step()                 # a skipped step may still be one to save at
-            continue
-        bad_in_a_row = 0
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        if disc_opt is not None and step >= cfg.adversarial_start:       # the discriminator's own step
-            with autocast:
-                d_loss = stage_a.discriminator_loss(task.disc, images, parts["recon"])
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if world > 1:                                                 # the discriminator is not DDP-wrapped
-                for p in task.disc.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            disc_opt.step()
-            parts_sum["disc"] = d_loss.item()
+            buffers.restore(before)
+            skipped += 1
+            bad_steps.failed(step)
+        else:
+            bad_steps.passed()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if disc_opt is not None and step >= cfg.adversarial_start:
+                logged["disc"] = discriminator_step(disc, disc_opt, images, parts["recon"], autocast, world)
+            update_ema(ema, model, step + 1, train_cfg)
         step += 1
-        update_ema(ema, model, step, train_cfg)
         bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}")
-        if log is not None and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
-            try:
-                log.write(json.dumps({"step": step, "loss": total, **parts_sum, "grad_norm": float(grad_norm),
-                                      "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
-                                      "time": round(time.time() - t0, 2)}) + "\n")
-                log.flush()
-            except OSError as e:                  # e.g. disk full: the checkpoints matter more than the log
-                bar.write(f"warning: cannot write the log {log_path} ({first_line(e)}); training goes on without it")
-                with contextlib.suppress(OSError):
-                    log.close()
-                log = None
-        end_of_step()
+        if grad_norm is not None:
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
+                log.write({"step": step, "loss": loss, **logged, "grad_norm": grad_norm,
+                           "lr": learning_rate(step - 1, train_cfg), "skipped": skipped,
+                           "time": round(time.time() - t0, 2)})
+        if step % train_cfg.save_every == 0 or step == train_cfg.steps:  # a skipped step may still be one to save at
+            saver.save(step, skipped)
+        if main_process and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
+            write_grid(task, ema, batches, out / f"stage_{args.stage}_{step:06d}.png", device, bar.write)
     bar.close()
     if main_process:
         print(f"stage {args.stage}: {step} steps, {skipped} skipped, checkpoint {ckpt_path}")
     if world > 1:
+        # The DDP wrapper holds the process group: freed after destroy_process_group, it could deadlock a rank in
+        # gloo's clean-up (seen in about 1 of 10 forked test runs). Free it first, once every rank is done.
+        del loss_module
+        dist.barrier()
         dist.destroy_process_group()
 
 
