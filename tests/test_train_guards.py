@@ -450,3 +450,12 @@ def test_sample_cli_with_published_weight_flags(published, tmp_path, capsys):
         f"the CLI's images differ from generate's by up to {np.abs(pixels.astype(int) - expected).max()} levels"
     diff = np.abs(pixels - theirs.permute(0, 2, 3, 1).double().numpy() * 255).max()
     assert diff <= 0.5 + parity.ATOL * 255, f"the CLI's images differ from diffusers' by {diff:.3g} levels"
+
+
+def test_step_seeds_differ_across_ranks_and_steps():
+    """With `+ rank` alone, rank r + 101 drew rank r's noise one step later: 160 ranks (the paper's batch 1,280 at
+    8 per GPU) would have trained on repeated draws. Every (step, rank) pair must get its own seed."""
+    seeds = {train.step_generator(0, step, rank, "cpu").initial_seed() for step in range(2000) for rank in range(256)}
+    assert len(seeds) == 2000 * 256
+    assert train.step_generator(3, 7, 0, "cpu").initial_seed() == 3 * 1_000_003 + 7 * 101   # single process: unchanged
+
