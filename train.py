@@ -350,8 +350,9 @@ def one_line(fn, *args):
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """Noise, t and dropout draws of a step depend only on (seed, step, rank), so resuming repeats them exactly.
-    Ranks are a prime apart that no step count reaches (step·101 < 1,000,000,007 for 9.9M steps), so no two ranks
-    share a step's draws; rank 0's seeds, those of every single-process run, are what they always were."""
+    Ranks are a prime apart that no step count reaches (step·101 < 1,000,000,007 for 9.9M micro-steps), so no two
+    ranks share a step's draws. Rank 0's seeds, those of every single-process run, are what they always were; DDP
+    checkpoints from before this change resume with other draws on ranks ≥ 1."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 101 + rank * 1_000_000_007)
 
 
@@ -840,7 +841,7 @@ def main(argv=None):
         # The DDP wrapper holds the process group: freed after destroy_process_group, it could deadlock a rank in
         # gloo's clean-up (seen in about 1 of 10 forked test runs). Free it first, once every rank is done.
         del loss_module
-        dist.barrier()
+        dist.barrier(device_ids=[device.index]) if device.type == "cuda" else dist.barrier()
         dist.destroy_process_group()
 
 

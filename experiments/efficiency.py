@@ -1,7 +1,7 @@
 """Usage:
     python experiments/efficiency.py --run runs/tiny              # CPU smoke run: ≤ 30 min on 2 cores, A and B given
-    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2     # the deciding CPU run, hours
-    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 2 --resume   # go on after a stop
+    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 1     # the deciding scale: 1.4 hours
+    python experiments/efficiency.py --scale cpu --run weights/shapes --threads 1 --resume   # go on after a stop
     python experiments/efficiency.py --scale gpu --run runs/big       # the larger scale, for one GPU
     python experiments/efficiency.py --scale gpu --dry-run            # its code path with micro sizes, anywhere
 
@@ -23,9 +23,9 @@ P2-weighted ε-MSE. They differ only in the denoiser and the space it denoises:
   (4×16×16), decoded by Stage A alone. One variable changes, the space, so the FLOP ratio measures what the paper
   credits its savings to: the text-conditional model sees 16× fewer positions.
 - `ldm-unet`: a classic LDM denoiser: Stage B's DiffNeXt U-Net with no semantic latent injected (text is its only
-  condition), on the same f4 latent. A U-Net shrinks its input internally (here 16² → 8² → 4² → 2²), so its cost
-  per step is close to Stage C's at this size. It is there because the FLOP ratio depends on the baseline's
-  architecture, and a reader should see by how much.
+  condition), on the same f4 latent. A U-Net shrinks its input internally (here 16² → 8² → 4²), so a step costs
+  3.5× Stage C's, not 15.6× (the tiny Stage B's patch size 1; at patch size 2, in the first smoke run, 1.1×). It is
+  there because the FLOP ratio depends on the baseline's architecture, and a reader should see by how much.
 Both Prior-based arms have the same parameter count up to their 1×1 input and output convolutions; the U-Net's is
 printed next to them.
 
@@ -75,6 +75,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,8 +157,9 @@ SCALES = {
     "smoke": Scale("smoke", dataset_size=4096, batch_size=32, steps=400, stops=(50, 100, 200, 400), ema_start=200,
                    warmup=100, prompts=100, prior_steps=None),
     # Long enough on a 2-core CPU for a verdict (issue 15): 10× the smoke run's steps on twice its data, 200 prompts.
-    # Chosen from one timing on the loaded machine (s per step at batch 32: stage_c 0.20, ldm-unet 0.72, ldm-prior
-    # 1.4), before any result: about 1.5 hours in all with --threads 2, most of it ldm-prior's training.
+    # Chosen before any result, from one timing with 2 threads on the loaded machine (s per step at batch 32:
+    # stage_c 0.20, ldm-unet 0.72, ldm-prior 1.4). Measured: 82.6 min wall with one thread (docs/efficiency.md), of
+    # which ldm-prior's training took 45 min at 0.66 s per step.
     "cpu": Scale("cpu", dataset_size=8192, batch_size=32, steps=4000, stops=(500, 1000, 2000, 4000), ema_start=500,
                  warmup=100, prompts=200, prior_steps=None),
     # One GPU: wider and deeper denoisers, 50× the samples, 4× the prompts. Stages A and B, if not given, are
@@ -529,7 +531,7 @@ def tables(results: dict) -> str:
     lines = [f"Efficiency at small scale, {results['scale']['name']} scale"
              + (" (a SMOKE RUN: it shows that the comparison runs end to end; it settles nothing)"
                 if results["scale"]["name"].startswith("smoke") else ""), "",
-             "Decision rule (fixed before running): " + RULE_TEXT, "",
+             "Decision rule (fixed before running): " + results["rule"]["text"], "",
              "| arm | parameters | denoises | training FLOPs per step | frozen-encoder FLOPs per sample | "
              "s per step |", "|---|---|---|---|---|---|"]
     for arm, a in arms.items():
@@ -876,14 +878,21 @@ def main(argv=None):
                 differs = sorted(k for k in resume_key if record.get("key", {}).get(k) != resume_key[k])
                 raise SystemExit(f"error: --resume: {saved} was made with other settings ({', '.join(differs)} "
                                  f"differ); expected this run's, or delete it to train {arm} again")
-            results_arms[arm], traces[arm] = record["info"], record["info"]["trace"]
+            try:
+                results_arms[arm], traces[arm] = record["info"], record["info"]["trace"]
+                last = record["info"]["points"][-1]
+                old = last["categories"]["CNN"]["single object"]
+            except (KeyError, IndexError, TypeError) as e:
+                raise SystemExit(f"error: --resume: {saved} lacks {e}; expected what an earlier run of this script "
+                                 f"wrote, or delete it to train {arm} again") from None
             finals[arm] = images.float() / 255
-            last = record["info"]["points"][-1]
-            if not isinstance(last["categories"]["CNN"]["single object"], dict):
+            if not isinstance(old, dict):
                 # A record from before the categories kept their intervals: score the saved final images again
                 # (stored as 8-bit, so a borderline pixel could move a score), keep both, and say whether they agree.
                 again = measure(finals[arm], requests, oracles, reference_features, counts, False)["categories"]
-                same = all(abs(again[o][c]["mean"] - last["categories"][o][c]) < 1e-12
+                same = all(again[o][c]["mean"] == last["categories"][o][c] or
+                           None not in (again[o][c]["mean"], last["categories"][o][c]) and
+                           abs(again[o][c]["mean"] - last["categories"][o][c]) < 1e-12
                            for o in again for c in ev.HEADLINE)
                 last["categories_rescored"] = again | {"means_equal_the_run's": same}
                 log(f"{arm}: final images scored again for the categories' intervals; means "
@@ -946,8 +955,11 @@ def main(argv=None):
         info["trace"] = traces[arm]
         results_arms[arm] = info
         atomic_save((finals[arm] * 255).round().to(torch.uint8), out / f"arm_{arm}_images.pt")
-        tmp = saved.with_suffix(".json.tmp")               # written whole, then renamed: never half a record
-        tmp.write_text(json.dumps({"key": resume_key, "info": info}))
+        tmp = saved.with_suffix(".json.tmp")               # written whole and synced, then renamed (as atomic_save)
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"key": resume_key, "info": info}))
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(saved)
 
     # --- decisions ---
