@@ -890,10 +890,7 @@ def main(argv=None):
                 # A record from before the categories kept their intervals: score the saved final images again
                 # (stored as 8-bit, so a borderline pixel could move a score), keep both, and say whether they agree.
                 again = measure(finals[arm], requests, oracles, reference_features, counts, False)["categories"]
-                same = all(again[o][c]["mean"] == last["categories"][o][c] or
-                           None not in (again[o][c]["mean"], last["categories"][o][c]) and
-                           abs(again[o][c]["mean"] - last["categories"][o][c]) < 1e-12
-                           for o in again for c in ev.HEADLINE)
+                same = all(again[o][c]["mean"] == last["categories"][o][c] for o in again for c in ev.HEADLINE)
                 last["categories_rescored"] = again | {"means_equal_the_run's": same}
                 log(f"{arm}: final images scored again for the categories' intervals; means "
                     f"{'equal' if same else 'DIFFER from'} the run's")
