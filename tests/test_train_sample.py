@@ -59,6 +59,27 @@ def test_resume_continues_exactly(run, tmp_path, stage):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resuming"
 
 
+def test_learning_rate_decays_linearly_to_zero_over_its_last_steps():
+    cfg = train.TrainConfig(steps=10, lr=1.0, warmup=2, lr_decay=4)
+    assert [train.learning_rate(s, cfg) for s in range(10)] == [0.5, 1, 1, 1, 1, 1, 1.0, 0.75, 0.5, 0.25]
+    assert train.learning_rate(7, train.TrainConfig(steps=10, lr=1.0, warmup=2)) == 1.0      # 0: constant
+
+
+def test_resume_that_adds_a_decay_equals_a_run_trained_with_it(tmp_path):
+    """The shipped Stage B is a constant-rate run resumed with --steps N --lr-decay D: that must be the same run
+    as the preset trained from the start, which is what scripts/train_weights.sh does on a clean checkout."""
+    run_train(tmp_path / "straight", "a", 6, "--lr-decay", "3")
+    run_train(tmp_path / "resumed", "a", 3)
+    run_train(tmp_path / "resumed", "a", 6, "--resume", "--lr-decay", "3")
+    straight, resumed = losses(tmp_path / "straight", "a"), losses(tmp_path / "resumed", "a")
+    assert sorted(resumed) == list(range(1, 7)) and resumed == straight
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "resumed" / "stage_a.log.jsonl").read_text().splitlines()]
+    assert lrs[-1] < lrs[2], lrs                                          # the decay took effect after the resume
+    a, b = (torch.load(tmp_path / d / "stage_a.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["train"]["lr_decay"] == b["train"]["lr_decay"] == 3
+    assert all(torch.equal(t, b["ema"][k]) for k, t in a["ema"].items())
+
+
 def test_training_writes_grids_logs_and_complete_checkpoints(run):
     for stage in "abc":
         assert (run / f"stage_{stage}_000003.png").exists() and (run / f"stage_{stage}_000004.png").exists()
