@@ -149,7 +149,7 @@ nb.table([["the image itself", "", f"{3 * real.shape[-1] ** 2:,}", *holds(real)]
 
 # %% [markdown]
 # **How to read this.** The paper's Stage B, from a 16×24×24 latent, redraws 1024² images with their content
-# and layout intact. The tiny Stage B here (the shipped weights: 16,000 steps on a CPU) keeps the background
+# and layout intact. The tiny Stage B here (the shipped weights: 18,000 steps on a CPU) keeps the background
 # and the colour, most positions, and the form of many shapes, where naive downsampling to as many values
 # keeps fewer; its shapes are soft, and Stage A's own are not perfect either (first rows). Two things make the
 # naive baseline strong at this size: at 64² the semantic latent compresses far less than at 1024² (the sizes
