@@ -79,9 +79,9 @@ TRAIN_PRESETS = {
     #   (CNN 0.94-0.96), and its MSE was still falling at 2,000 (0.0017). Its GAN term is left off for these
     #   weights (scripts/train_weights.sh: --no-adversarial): switched on at step 2,000 at this learning rate, it
     #   raised the MSE to 0.011-0.014 within 600 steps and drew a checkerboard over flat backgrounds.
-    #   A linear decay over 1,000 more steps (resumed at 4,000) gained 1.2 dB (30.1 to 31.3) but not a shape: its
-    #   reconstructions still read 0.76 single-object by the analytic oracle (n = 400), large stars losing their
-    #   points; an L1 term as well gave 0.70. Neither is used, so Stage B need not be retrained for them.
+    #   A linear decay over 1,000 more steps (resumed at 4,000) gained 1.3 dB (30.1 to 31.4) but not a shape: its
+    #   reconstructions read 0.76 single-object by the analytic oracle against 0.74 (--no-generation --n 200),
+    #   large stars still losing their points; an L1 term as well gave 0.71. Neither is used (docs/shipped.md).
     # - B 16,000 steps: its ceiling (experiments/evaluate.py --no-generation, single object, CNN, small / large
     #   shapes) rose
     #   from 0.34 / 0.44 at 1,500 steps to 0.82 / 0.88 at 12,000, about +0.15 per doubling, still climbing.
@@ -91,9 +91,12 @@ TRAIN_PRESETS = {
     # - C 8,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
     #   keeps 8,000 steps × 64 at 31 epochs, not 125, for the two-object captions' sake: a choice, not measured
-    #   apart (its first pass, which caches the frozen features, costs about 2.5 of Stage C's 16.6 minutes).
-    # Result (docs/shipped.md): single object 0.54 / 0.90 (analytic / CNN oracle), position 0.53 / 0.57, colour
-    # binding 0.15 / 0.32, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 93 minutes.
+    #   apart (its first pass, which caches the frozen features, costs about 2.5 of Stage C's 17 minutes).
+    #   Not kept, each within its interval of this recipe (position 0.53 / 0.57, binding 0.14 / 0.30): 12,000
+    #   steps (on the 16,000-step B: 0.55 / 0.58, 0.17 / 0.34), a decay over the last 2,000 (0.54 / 0.56,
+    #   0.14 / 0.29), and c = 128 for 5,000 steps, about the same time (0.54 / 0.57, 0.19 / 0.32).
+    # Result (docs/shipped.md): single object 0.57 / 0.93 (analytic / CNN oracle), position 0.53 / 0.57, colour
+    # binding 0.14 / 0.30, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 101 minutes.
     # scripts/demo.sh trains this Stage C on the shipped A and B; with --from-scratch, all three with fewer --steps.
     "tiny": {"a": TrainConfig(steps=4000, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
              "b": TrainConfig(steps=18_000, batch_size=32, lr=2e-3, warmup=100, lr_decay=2000, ema_start=500,
