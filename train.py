@@ -53,7 +53,8 @@ class TrainConfig:
     grad_accum: int = 1          # micro-batches per optimizer step
     lr: float = 1e-4             # AdamW learning rate after warm-up (official: 1e-4)
     warmup: int = 100            # linear warm-up steps (official: 10,000)
-    lr_decay: int = 0            # then linear decay to 0 over the last this many steps (0: constant, as released)
+    lr_decay: int = 0            # then linear decay to 0 over the last this many steps (0: constant, as released);
+                                 # a count, not a share: a preset's decay spans all of a run of fewer --steps
     weight_decay: float = 0.01   # AdamW's default
     grad_clip: float = 1.0       # max gradient norm (official: 1.0)
     ema_start: int = 100         # before this step the EMA is a copy of the model (official: 5,000)

@@ -84,8 +84,9 @@ def _train(stage: str, folder: Path) -> dict:
     """train.py --stage STAGE --preset tiny, in this process. Returns what it reported."""
     import train
     steps = (SMOKE_STEPS if SMOKE else TRAIN_STEPS)[stage]
-    argv = ["--stage", stage, "--preset", "tiny", "--out", str(folder), "--steps", str(steps), "--device", "cpu",
-            "--no-progress"] + (SMOKE_FLAGS if SMOKE else [])
+    # --lr-decay 0: the preset's Stage B decays its rate over its last 2,000 steps, which would be all of these
+    argv = ["--stage", stage, "--preset", "tiny", "--out", str(folder), "--steps", str(steps), "--lr-decay", "0",
+            "--device", "cpu", "--no-progress"] + (SMOKE_FLAGS if SMOKE else [])
     out, start = io.StringIO(), time.perf_counter()
     with contextlib.redirect_stdout(out):
         train.main(argv)
