@@ -773,7 +773,7 @@ def main(argv=None):
         resume, cfg, saved_train_cfg = load_training_checkpoint(ckpt_path, args.stage)   # the run's own configs win
         # the run's total and, if asked, its decay may change: --steps 16000 goes on; --lr-decay 1000 ends it
         train_cfg = dataclasses.replace(saved_train_cfg, steps=train_cfg.steps, **(
-            {"lr_decay": train_cfg.lr_decay} if getattr(args, "field_lr_decay", None) is not None else {}))
+            {"lr_decay": train_cfg.lr_decay} if args.field_lr_decay is not None else {}))
     torch.manual_seed(args.seed)
     batches = one_line(Batches, args, train_cfg, rank, world)
     task = one_line(TASKS[args.stage], args, cfg, train_cfg, device, out, batches)
