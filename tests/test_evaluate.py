@@ -273,3 +273,27 @@ def test_no_generation_needs_no_stage_c(tmp_path, capsys):
     assert set(results["alignment"]) == {"real", "stage_a", "stage_ab", "shuffled"}
     assert set(results["checkpoints"]) == {"a", "b"} and results["settings"]["held_out_prompts"] == 0
     assert results["grid"]["rows"] == ["real", "Stage A", "Stage A+B from the semantic latent"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# experiments/oracle_blur.py
+# ----------------------------------------------------------------------------------------------------------------
+def test_oracle_blur_is_a_gaussian_of_the_asked_width():
+    """A point spreads into a kernel that sums to 1 with variance σ² along each axis; a flat image stays flat."""
+    from experiments.oracle_blur import gaussian_blur
+    point = torch.zeros(1, 3, 21, 21)
+    point[:, :, 10, 10] = 1.0
+    out = gaussian_blur(point, 1.5)[0, 0]
+    offsets = torch.arange(21, dtype=torch.float32) - 10
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (out.sum(0) * offsets ** 2).sum().item() == pytest.approx(1.5 ** 2, rel=0.02)
+    assert (out.sum(1) * offsets ** 2).sum().item() == pytest.approx(1.5 ** 2, rel=0.02)
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat) and gaussian_blur(point, 0) is point
+
+
+def test_oracle_blur_refuses_negative_widths(capsys):
+    from experiments.oracle_blur import main
+    with pytest.raises(SystemExit):
+        main(["--sigmas", "0,-1"])
+    assert "--sigmas '0,-1': expected numbers ≥ 0" in capsys.readouterr().err

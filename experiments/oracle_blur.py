@@ -1,0 +1,70 @@
+"""Usage:
+    python experiments/oracle_blur.py --run weights/shapes --n 200
+
+How much softness each oracle of experiments/evaluate.py forgives: single-object accuracy of real renders blurred
+by a Gaussian of σ pixels, beside Stage A's reconstructions, with each set's PSNR against the real images. It tells
+a decoder that the oracle cannot read apart from one that draws the wrong shape: if a blur that keeps the PSNR above
+Stage A's already costs the analytic oracle shapes, a sharper Stage A is what the analytic figure needs.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments import evaluate as ev   # noqa: E402  (the repository root must be on the path first)
+from sample import load_stage, run_paths  # noqa: E402
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 3, H, W) blurred by a separable Gaussian of `sigma` px, edges replicated; sigma 0 returns the input."""
+    if sigma == 0:
+        return images
+    r = int(np.ceil(3 * sigma))
+    kernel = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)                               # (3, 1, 1, 2r + 1)
+    x = F.pad(images, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, kernel, groups=3)                                                 # along x
+    return F.conv2d(x, kernel.transpose(2, 3), groups=3)                              # along y
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--run", default="weights/shapes", help="folder with the Stage A checkpoint")
+    p.add_argument("--n", type=ev.positive_int, default=200, help="prompts, as in evaluate.py (seed EVAL_SEED)")
+    p.add_argument("--sigmas", default="0,0.5,0.7,1.0", help="blur widths in pixels, comma-separated")
+    p.add_argument("--cache-dir", default="runs/oracle_cache", help="where evaluate.py keeps its CNN oracle")
+    args = p.parse_args(argv)
+    try:
+        sigmas = [float(s) for s in args.sigmas.split(",")]
+    except ValueError:
+        p.error(f"--sigmas {args.sigmas!r}: expected numbers ≥ 0, comma-separated")
+    if any(not np.isfinite(s) or s < 0 for s in sigmas):
+        p.error(f"--sigmas {args.sigmas!r}: expected numbers ≥ 0, comma-separated")
+    try:
+        vqgan = load_stage("a", run_paths(Path(args.run), {"a": None}, stages="a")["a"], "cpu", "ema")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+    real, samples = ev.render_with_truth(ev.EVAL_SEED, args.n, 64, exclude=ev.HELD_OUT_PAIRS)
+    requests = [ev.parse_caption(s.caption) for s in samples]
+    with torch.inference_mode():
+        recon = vqgan.decode(vqgan.encode(real)).float().clamp(0, 1)
+    sets = [(f"real, blurred σ = {s:g} px", gaussian_blur(real, s)) for s in sigmas]
+    sets.append(("Stage A reconstructions", recon))
+    oracles = {"analytic": ev.AnalyticDetector(64),
+               "CNN": ev.load_or_train_oracle(64, ev.OracleConfig(), Path(args.cache_dir), print)}
+    counts = ev.bootstrap_counts(args.n, 1000, seed=1)
+    print("\n| images | PSNR dB vs real | single object, analytic | single object, CNN |\n|---|---|---|---|")
+    for name, images in sets:
+        cells = [ev._cell(ev.bootstrap_mean(ev.score_images(oracle, images, requests)["single object"][:, 0], counts))
+                 for oracle in oracles.values()]
+        psnr = float(ev.psnr(images, real).mean())          # psnr() clamps: identical images give 100 dB
+        print(f"| {name} | {'–' if psnr >= 100 else f'{psnr:.1f}'} | {cells[0]} | {cells[1]} |")
+
+
+if __name__ == "__main__":
+    main()
