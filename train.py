@@ -70,6 +70,7 @@ class TrainConfig:
     dataset_size: int = 0        # built-in shapes: 0 = an endless stream of new images; N = the first N, in epochs
     cache_frozen: bool = False   # keep frozen encoders' outputs per sample (a finite data set only; needs RAM)
     hold_out: bool = True        # built-in shapes: leave data.HELD_OUT_PAIRS out (for experiments/evaluate.py)
+    two_object_prob: float = 0.3  # built-in shapes: the share of scenes with two objects, the rest have one
 
 
 OFFICIAL = dict(lr=1e-4, warmup=10_000, ema_start=5000, ema_every=100, ema_beta=0.9, grad_clip=1.0)
@@ -191,7 +192,8 @@ def parse_args(argv=None):
         if getattr(train_cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} {getattr(train_cfg, name)}: expected an integer ≥ 0")
     for name, low, high in (("lr", 0, math.inf), ("grad_clip", 0, math.inf), ("weight_decay", 0, math.inf),
-                            ("ema_beta", 0, 1), ("caption_dropout", 0, 1), ("semantic_dropout", 0, 1)):
+                            ("ema_beta", 0, 1), ("caption_dropout", 0, 1), ("semantic_dropout", 0, 1),
+                            ("two_object_prob", 0, 1)):
         value = getattr(train_cfg, name)
         if not (low <= value <= high and math.isfinite(value)) or (name in ("lr", "grad_clip") and value == 0):
             expected = f"a number in [{low}, {high}]" if high < math.inf else \
@@ -249,7 +251,8 @@ class Batches:
         if args.data == "shapes":
             endless = cfg.dataset_size == 0                               # then every batch is new images
             self.dataset = ShapesDataset(length=2 ** 62 if endless else cfg.dataset_size, size=cfg.image_size,
-                                         seed=args.seed, exclude=HELD_OUT_PAIRS if cfg.hold_out else ())
+                                         seed=args.seed, two_object_prob=cfg.two_object_prob,
+                                         exclude=HELD_OUT_PAIRS if cfg.hold_out else ())
         else:
             self.dataset = ImageFolderDataset(args.data, size=cfg.image_size)
         self.finite = args.data != "shapes" or cfg.dataset_size > 0

@@ -274,6 +274,7 @@ def test_cli_prints_one_line_not_a_traceback(run, tmp_path):
     (["--stage", "a", "--ema-beta", "-0.1"], "--ema-beta -0.1: expected a number in [0, 1]"),
     (["--stage", "a", "--warmup", "-1"], "--warmup -1: expected an integer ≥ 0"),
     (["--stage", "b", "--lr-decay", "-2"], "--lr-decay -2: expected an integer ≥ 0"),
+    (["--stage", "c", "--two-object-prob", "1.5"], "--two-object-prob 1.5: expected a number in [0, 1]"),
     (["--stage", "a", "--max-bad-steps", "0"], "--max-bad-steps 0: expected a positive integer"),
     (["--stage", "a", "--c-hidden", "-64"], "--c-hidden -64: expected an integer ≥ 0"),
     (["--stage", "c", "--nhead", "0"], "(model flags: --nhead 0)"),

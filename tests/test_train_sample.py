@@ -109,6 +109,15 @@ def test_built_in_shapes_hold_out_the_evaluation_pairs():
     assert pairs(["--hold-out", "false"]) & HELD_OUT_PAIRS
 
 
+def test_two_object_prob_sets_the_share_of_two_object_scenes():
+    """--two-object-prob reaches the built-in shapes: 0 draws only one-object scenes, 1 only two-object ones."""
+    def counts(p):
+        args, _, cfg = train.parse_args(["--stage", "c", "--dataset-size", "200", "--two-object-prob", p])
+        data = train.Batches(args, cfg, rank=0, world=1).dataset
+        return {len(data.sample(i).attributes.objects) for i in range(len(data))}
+    assert counts("0") == {1} and counts("1") == {2} and counts("0.5") == {1, 2}
+
+
 @pytest.mark.parametrize("argv", [["--stage", "a", "--steps", "0"], ["--stage", "c", "--depth", "two"],
                                   ["--stage", "x"], ["--stage", "a", "--bogus"]])
 def test_bad_flags_exit_with_a_message(argv, capsys):
