@@ -109,3 +109,24 @@ def test_caption_dropout_replaces_text_with_the_empty_caption():
     c, _ = model.loss(semantic, torch.randn(2, 8, 384), uncond, caption_dropout=0.0,
                       generator=torch.Generator().manual_seed(0))
     assert a.item() == b.item() and a.item() != c.item()
+
+
+def test_token_convolutions_mix_each_caption_token_with_its_neighbours_only():
+    """StageCConfig.text_conv: with k layers, the conditioning at token i depends on tokens i − k … i + k, and on no
+    others; with none (as released) each token's conditioning is its own."""
+    text = torch.randn(1, 12, 384, generator=torch.Generator().manual_seed(8))
+    edited = text.clone()
+    edited[0, 6] += 1.0                                                   # change token 6 only
+
+    def changed_tokens(text_conv: int) -> list[int]:
+        torch.manual_seed(0)
+        model = stage_c.Prior(stage_c.StageCConfig(c=32, c_cond=384, c_r=16, depth=1, nhead=2, text_conv=text_conv))
+        for block in model.token_convs:                                   # they start as the identity
+            torch.nn.init.normal_(block.conv.weight, std=0.1)
+        with torch.no_grad():
+            a, b = (model.condition(x)["text_kv"][0][0] for x in (text, edited))   # the caption's keys, (1, L, c)
+        return torch.nonzero((a - b).abs().amax(dim=-1)[0] > 1e-6).flatten().tolist()
+
+    assert changed_tokens(0) == [6]
+    assert changed_tokens(1) == [5, 6, 7]
+    assert changed_tokens(2) == [4, 5, 6, 7, 8]
