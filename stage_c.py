@@ -45,7 +45,8 @@ class StageCConfig:
     # Ours, not released (the paper preset has none): residual 1-D convolutions over the mapped caption tokens, so
     # that each token takes in its neighbours before the image attends to it. The prior's attention never lets
     # caption tokens mix, so binding "purple" to "star" in "a purple star left of a red circle" is left to the text
-    # encoder; in all-MiniLM-L6-v2's last layer only 3% of the "star" token's variance follows its colour word.
+    # encoder; in all-MiniLM-L6-v2's last layer only 3% of the "star" token's variance follows its colour word
+    # (experiments/text_binding.py).
     text_conv: int = 0
 
     def __post_init__(self):

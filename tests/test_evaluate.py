@@ -297,3 +297,13 @@ def test_oracle_blur_refuses_negative_widths(capsys):
     with pytest.raises(SystemExit):
         main(["--sigmas", "0,-1"])
     assert "--sigmas '0,-1': expected numbers ≥ 0" in capsys.readouterr().err
+
+
+def test_text_binding_variance_share_separates_explained_from_unexplained():
+    """experiments/text_binding.py's ANOVA share: 1 when the label fixes the state, 0 when groups have equal means."""
+    from experiments.text_binding import variance_share
+    labels = ["a", "b", "c"] * 20
+    means = {"a": [1.0, 0.0], "b": [0.0, 2.0], "c": [-1.0, -2.0]}
+    assert variance_share(np.array([means[x] for x in labels]), labels) == pytest.approx(1.0)
+    mixed = np.array([[1.0, 0.0], [-1.0, 0.0]] * 30)                  # every label sees both rows equally often
+    assert variance_share(mixed, ["a"] * 2 + ["b"] * 2 + ["c"] * 2 + labels[:54]) == pytest.approx(0.0, abs=1e-9)
