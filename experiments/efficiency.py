@@ -223,7 +223,9 @@ class TextUNet(nn.Module):
 
 
 def build_denoiser(arm: str, scale: Scale, c_semantic: int, c_latent: int, text_width: int) -> nn.Module:
-    prior = dataclasses.replace(stage_c.PRESETS["tiny"], c_cond=text_width, **scale.prior)
+    # text_conv 0: the prior arms read the caption tokens as the released prior does. The deciding run
+    # (docs/efficiency.md) predates the tiny preset's token convolutions, and the U-Net arm has none.
+    prior = dataclasses.replace(stage_c.PRESETS["tiny"], c_cond=text_width, text_conv=0, **scale.prior)
     if arm == "stage_c":
         return stage_c.Prior(dataclasses.replace(prior, c_in=c_semantic))
     if arm == "ldm-prior":     # models Stage A's latent as it is, like Stage B: no (z + shift) / scale
