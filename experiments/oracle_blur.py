@@ -8,6 +8,7 @@ Stage A's already costs the analytic oracle shapes, a sharper Stage A is what th
 """
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,22 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, kernel.transpose(2, 3), groups=3)                              # along y
 
 
+def misreads(scenes, requests) -> str:
+    """The shapes of one-object prompts that the main object was read as instead, most common first."""
+    wrong = Counter()
+    for scene, request in zip(scenes, requests):
+        if len(request.objects) == 1 and scene.objects:
+            seen = max(scene.objects, key=lambda o: o.area).shape
+            if seen != request.objects[0].shape:
+                wrong[f"{request.objects[0].shape} → {seen}"] += 1
+    return ", ".join(f"{pair} ×{n}" for pair, n in wrong.most_common(3)) or "none"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--run", default="weights/shapes", help="folder with the Stage A checkpoint")
     p.add_argument("--n", type=ev.positive_int, default=200, help="prompts, as in evaluate.py (seed EVAL_SEED)")
-    p.add_argument("--sigmas", default="0,0.5,0.7,1.0", help="blur widths in pixels, comma-separated")
+    p.add_argument("--sigmas", default="0,0.5,0.7,1,1.2", help="blur widths in pixels, comma-separated")
     p.add_argument("--cache-dir", default="runs/oracle_cache", help="where evaluate.py keeps its CNN oracle")
     args = p.parse_args(argv)
     try:
@@ -58,12 +70,14 @@ def main(argv=None):
     oracles = {"analytic": ev.AnalyticDetector(64),
                "CNN": ev.load_or_train_oracle(64, ev.OracleConfig(), Path(args.cache_dir), print)}
     counts = ev.bootstrap_counts(args.n, 1000, seed=1)
-    print("\n| images | PSNR dB vs real | single object, analytic | single object, CNN |\n|---|---|---|---|")
+    print("\n| images | PSNR dB vs real | single object, analytic | single object, CNN | analytic misreads |\n"
+          "|---|---|---|---|---|")
     for name, images in sets:
         cells = [ev._cell(ev.bootstrap_mean(ev.score_images(oracle, images, requests)["single object"][:, 0], counts))
                  for oracle in oracles.values()]
         psnr = float(ev.psnr(images, real).mean())          # psnr() clamps: identical images give 100 dB
-        print(f"| {name} | {'–' if psnr >= 100 else f'{psnr:.1f}'} | {cells[0]} | {cells[1]} |")
+        print(f"| {name} | {'–' if psnr >= 100 else f'{psnr:.1f}'} | {cells[0]} | {cells[1]} | "
+              f"{misreads(oracles['analytic'](images), requests)} |")
 
 
 if __name__ == "__main__":
