@@ -9,7 +9,9 @@ It mirrors the released `model_v3_stage_c.pt` (dome272/Wuerstchen `modules.py`, 
 Deliberate choices:
 - the attention is written out with q/k/v projections (diffusers' key names); the official `nn.MultiheadAttention`
   keys are renamed on load;
-- caption dropout for classifier-free guidance is drawn per sample (the official script drops the whole batch).
+- caption dropout for classifier-free guidance is drawn per sample (the official script drops the whole batch);
+- the tiny preset mixes neighbouring caption tokens with two 1-D convolutions (`text_conv`) before the attention
+  reads them; the released prior has none, and neither do the paper and small presets.
 """
 import json
 import math

@@ -93,7 +93,7 @@ TRAIN_PRESETS = {
     # - C 8,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
     #   keeps 8,000 steps × 64 at 31 epochs, not 125, for the two-object captions' sake: a choice, not measured
-    #   apart (its first pass, which caches the frozen features, costs about 2.5 of Stage C's 17 minutes).
+    #   apart (its first pass, which caches the frozen features, costs about 2 of Stage C's 13 minutes).
     #   Not kept, each within its interval of this recipe without text_conv (position 0.53 / 0.57, binding
     #   0.14 / 0.30): 12,000 steps (on the 16,000-step B: 0.55 / 0.58, 0.17 / 0.34), a decay over the last 2,000
     #   (0.54 / 0.56, 0.14 / 0.29), c = 128 for 5,000 steps, about the same time (0.54 / 0.57, 0.19 / 0.32), and
@@ -101,8 +101,8 @@ TRAIN_PRESETS = {
     #   same time, placed objects far worse (position 0.21 / 0.23).
     #   Kept (2026-12-01): the model's text_conv 2 (stage_c.PRESETS), which mixes neighbouring caption tokens:
     #   binding 0.30 to 0.47 by the CNN oracle, position 0.57 to 0.62 (on the shipped A and B, one thread).
-    # Result (docs/shipped.md): single object 0.57 / 0.93 (analytic / CNN oracle), position 0.53 / 0.57, colour
-    # binding 0.14 / 0.30, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 101 minutes.
+    # Result (docs/shipped.md): single object 0.56 / 0.92 (analytic / CNN oracle), position 0.56 / 0.61, colour
+    # binding 0.24 / 0.47, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 99 minutes.
     # scripts/demo.sh trains this Stage C on the shipped A and B; with --from-scratch, all three with fewer --steps.
     "tiny": {"a": TrainConfig(steps=4000, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
              "b": TrainConfig(steps=18_000, batch_size=32, lr=2e-3, warmup=100, lr_decay=2000, ema_start=500,
