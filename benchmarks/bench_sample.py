@@ -110,8 +110,9 @@ def load_ours(preset: str, folder: Path, device):
     del stage_b_model
     decoder.config = dataclasses.replace(decoder.config, resolution_multiple=cfg_b.resolution_multiple,
                                          latent_dim_scale=cfg_b.latent_dim_scale)
-    # The mapping above is only right if our loaders read back exactly the preset's model config.
-    assert prior.config == cfg_c, (prior.config, cfg_c)
+    # The mapping above is only right if our loaders read back exactly the preset's model config, less the tiny
+    # preset's token convolutions (text_conv), which are ours: diffusers' prior, like the released one, has none.
+    assert prior.config == dataclasses.replace(cfg_c, text_conv=0), (prior.config, cfg_c)
     decoder_fields = [f.name for f in dataclasses.fields(stage_b.StageBConfig) if not f.name.startswith("effnet_")]
     assert all(getattr(decoder.config, f) == getattr(cfg_b, f) for f in decoder_fields), (decoder.config, cfg_b)
     assert vqgan.config.levels == stage_a.PRESETS[preset].levels

@@ -140,7 +140,8 @@ def micro_run(tmp_path_factory):
                         "--batch-size", str(cfg["batch_size"]), "--warmup", str(cfg["warmup"]),
                         "--ema-start", str(cfg["ema_start"]), "--dataset-size", str(cfg["dataset_size"]),
                         "--text-length", str(results["text_encoder"]["length"]),
-                        "--seed", str(results["settings"]["seed"]), "--no-progress", "--sample-every", "1000"])
+                        "--seed", str(results["settings"]["seed"]), "--no-progress", "--sample-every", "1000",
+                        "--text-conv", "0"])      # efficiency.py's prior arms have no token convolutions
     finally:
         torch.set_num_threads(threads)
     return out, printed.getvalue(), json.loads((out / "efficiency.json").read_text())
