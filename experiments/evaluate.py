@@ -10,8 +10,10 @@ shape, size and grid cell, and a background), and the scenes are scored against 
 - `analytic`: the palette model of data.py. The background is read from the border; each pixel is explained as a
   mix of that background and one shape colour (anti-aliased edges are exactly such mixes); pixels more than half
   shape colour form connected components; a component's colour is its palette entry, its shape comes from scale-free
-  geometry (fill of its bounding box, aspect, spread, vertical skew), its size from its width, its cell from its
-  centre. Nothing is learned, except four reference numbers per shape measured on rendered shapes.
+  geometry (fill of its bounding box, aspect, spread, vertical skew, and the angular harmonics 3, 4 and 5 that
+  tell the shapes' symmetries apart), its size from its width, its cell from its centre. Nothing is learned,
+  except seven reference numbers per shape measured on rendered shapes, blurred as much as the CNN oracle's
+  training images are (σ up to 1.2 px), so that a soft edge is not read as another shape.
 - `CNN`: a small convolutional net applied to each of the 3×3 cells (objects sit inside their cells), with a head
   per attribute (empty or not, colour, shape, size, background), trained once on fresh renders (ORACLE_SEED) with
   blur and noise added, and cached. Its penultimate features, nine cells' worth, are the space of the
@@ -227,7 +229,8 @@ _BACKGROUND_PALETTE = np.array(list(BACKGROUNDS.values()), np.float32)   # (4, 3
 MAX_RESIDUAL = 60.0      # RGB distance from the background–colour line beyond which a pixel is no shape colour:
                          # under half the gap between the closest shape colours (orange and red, 95)
 MIN_AREA = 0.4           # a component smaller than this × the smallest shape (a small star) is noise
-SHAPE_FEATURES = ("fill", "aspect", "spread", "skew")
+SHAPE_FEATURES = ("fill", "aspect", "spread", "skew", "h3", "c4", "h5")
+REFERENCE_BLUR = 1.2     # px: the widest blur of the shape references, as of the CNN oracle's augment()
 
 
 def _pixels(images) -> np.ndarray:
@@ -267,6 +270,18 @@ def _components(labels: np.ndarray) -> list[np.ndarray]:
     return np.split(pixels[order], np.cumsum(np.bincount(inverse, minlength=len(roots)))[:-1])
 
 
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, 3, H, W) blurred by a separable Gaussian of `sigma` px, edges replicated; sigma 0 returns the input."""
+    if sigma == 0:
+        return images
+    r = int(np.ceil(3 * sigma))
+    kernel = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)                               # (3, 1, 1, 2r + 1)
+    x = F.pad(images, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, kernel, groups=3)                                                 # along x
+    return F.conv2d(x, kernel.transpose(2, 3), groups=3)                              # along y
+
+
 UPSAMPLE = 4             # the coverage map is read at 4× resolution, bilinearly: its 0.5 contour is the shape's edge
 
 
@@ -289,8 +304,17 @@ def _geometry(weights: np.ndarray) -> dict:
     var_x, var_y = ((xx - cx) ** 2).mean() / UPSAMPLE ** 2, ((yy - cy) ** 2).mean() / UPSAMPLE ** 2
     skew = ((yy - cy) ** 3).mean() / UPSAMPLE ** 3 / max(var_y, 1e-6) ** 1.5
     centre = (x0 + (cols[0] + cols[-1] + 1) / 2 / UPSAMPLE, y0 + (rows[0] + rows[-1] + 1) / 2 / UPSAMPLE)
+    # Angular harmonics of the mask around its centroid, weighted by r² so that points and corners count most:
+    # c_k = Σ r²·e^{ikθ} / Σ r². A shape with n-fold symmetry has c_k = 0 unless n divides k, and a blur keeps the
+    # symmetry, only shrinking |c_k|: the triangle alone has c_3, the star alone c_5, and the cross (arms on the
+    # axes, cos 4θ = 1) and the square (corners on the diagonals, cos 4θ = −1) differ in the sign of Re c_4. The
+    # fill of the bounding box, by contrast, rises from 0.46 towards the cross's 0.64 as a star blurs.
+    dx, dy = xx - cx, cy - yy                                          # y up, so that θ = 90° is the top
+    r2, theta = dx ** 2 + dy ** 2, np.arctan2(dy, dx)
+    harmonic = {k: (r2 * np.exp(1j * k * theta)).sum() / max(r2.sum(), 1e-9) for k in (3, 4, 5)}
     return {"area": area, "width": w, "centre": centre, "fill": area / (w * h), "aspect": h / w,
-            "spread": (var_x + var_y) / area, "skew": skew}
+            "spread": (var_x + var_y) / area, "skew": skew, "h3": abs(harmonic[3]), "c4": harmonic[4].real,
+            "h5": abs(harmonic[5])}
 
 
 class AnalyticDetector:
@@ -306,11 +330,15 @@ class AnalyticDetector:
 
     def _shape_references(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean geometry per shape, and the pooled spread per feature, measured on single rendered shapes at this
-        image size: pixel-grid effects at 10-pixel shapes are real and differ from the continuous FILL_RATIO."""
+        image size (pixel-grid effects at 10-pixel shapes are real and differ from the continuous FILL_RATIO),
+        blurred by σ spread evenly over 0 … REFERENCE_BLUR px: the softness that the CNN oracle's augment() also
+        forgives, so that both oracles judge the shape drawn rather than the sharpness of its edges."""
         per_shape = {s: [] for s in SHAPES}
-        for i in range(300):
+        count = 300
+        for i in range(count):
             sample = render_sample(SHAPE_REFERENCE_SEED, i, self.size, two_object_prob=0.0)
-            pixels = _pixels(np.asarray(sample.image)[None])[0]
+            image = torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None].float() / 255
+            pixels = _pixels(gaussian_blur(image, REFERENCE_BLUR * i / (count - 1)))[0]
             for geometry, colour in self._blobs(pixels, self._background(pixels)[0]):
                 per_shape[sample.attributes.objects[0].shape].append([geometry[f] for f in SHAPE_FEATURES])
         means = np.array([np.mean(per_shape[s], 0) for s in SHAPES])

@@ -13,23 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import evaluate as ev   # noqa: E402  (the repository root must be on the path first)
 from sample import load_stage, run_paths  # noqa: E402
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, 3, H, W) blurred by a separable Gaussian of `sigma` px, edges replicated; sigma 0 returns the input."""
-    if sigma == 0:
-        return images
-    r = int(np.ceil(3 * sigma))
-    kernel = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)                               # (3, 1, 1, 2r + 1)
-    x = F.pad(images, (r, r, r, r), mode="replicate")
-    x = F.conv2d(x, kernel, groups=3)                                                 # along x
-    return F.conv2d(x, kernel.transpose(2, 3), groups=3)                              # along y
 
 
 def misreads(scenes, requests) -> str:
@@ -65,7 +52,7 @@ def main(argv=None):
     requests = [ev.parse_caption(s.caption) for s in samples]
     with torch.inference_mode():
         recon = vqgan.decode(vqgan.encode(real)).float().clamp(0, 1)
-    sets = [(f"real, blurred σ = {s:g} px", gaussian_blur(real, s)) for s in sigmas]
+    sets = [(f"real, blurred σ = {s:g} px", ev.gaussian_blur(real, s)) for s in sigmas]
     sets.append(("Stage A reconstructions", recon))
     oracles = {"analytic": ev.AnalyticDetector(64),
                "CNN": ev.load_or_train_oracle(64, ev.OracleConfig(), Path(args.cache_dir), print)}
