@@ -105,9 +105,10 @@ TRAIN_PRESETS = {
     #   16,000 (one thread) raised colour binding from 0.47 to 0.54 (CNN) and, for the held-out pairs, from 0.53 to
     #   0.64; single object (0.93) and position (0.61) stayed. scripts/demo.sh stops at 8,000 to fit 20 minutes.
     #   (Analytic figures above are from before 2026-12-01's change of that oracle: docs/evaluation.md.)
-    # Result (docs/shipped.md): single object 0.56 / 0.92 (analytic / CNN oracle), position 0.56 / 0.61, colour
-    # binding 0.24 / 0.47, against 0.15 / 0.32, 0.10 / 0.11 and 0.03 / 0.03 for the earlier recipe; 99 minutes.
-    # scripts/demo.sh trains this Stage C on the shipped A and B; with --from-scratch, all three with fewer --steps.
+    # Result (docs/shipped.md): single object 0.77 / 0.94 (analytic / CNN oracle), position 0.57 / 0.62, colour
+    # binding 0.39 / 0.60, against 0.32, 0.11 and 0.03 by the CNN oracle for the earlier recipe; 113 minutes.
+    # scripts/demo.sh trains 8,000 steps of this Stage C on the shipped A and B; with --from-scratch, all three
+    # stages with fewer --steps.
     "tiny": {"a": TrainConfig(steps=4000, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
              "b": TrainConfig(steps=18_000, batch_size=32, lr=2e-3, warmup=100, lr_decay=2000, ema_start=500,
                               dataset_size=4096, cache_frozen=True),

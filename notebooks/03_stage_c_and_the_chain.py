@@ -6,10 +6,10 @@
 # decodes it into pixels. `sample.generate` runs the chain; here it is taken apart, step by step.
 #
 # **Status.** The shipped tiny models (`weights/shapes/`; README, Results) draw a one-object prompt's colour
-# and shape in 92% of images by the evaluation's CNN oracle (56% by its strict analytic oracle, which Stage A's
-# soft corners cap at 74%), and as well for colour–shape pairs they never saw; the asked placement holds in
-# 56–61%. Two objects are their weak point: both asked colour–shape pairs appear in 24–47% of images, and a third
-# object or a wrong shape is common. The chain itself is exact, and matches diffusers' `WuerstchenCombinedPipeline`
+# and shape in 94% of images by the evaluation's CNN oracle (77% by its stricter analytic oracle, which misses
+# some small stars that Stage A blurs), and as well for colour–shape pairs they never saw; the asked placement
+# holds in 57–62%. Two objects are their weak point: both asked colour–shape pairs appear in 39–60% of images,
+# and a third object or a wrong shape is common. The chain itself is exact, and matches diffusers' `WuerstchenCombinedPipeline`
 # bit for bit (tests/test_pipeline_parity.py).
 
 # %%
