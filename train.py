@@ -92,7 +92,7 @@ TRAIN_PRESETS = {
     #   position and 0.35 / 0.62 to 0.38 / 0.74 colour binding; 34.3 to 35.8 dB against Stage A's reconstruction.
     # - C 16,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
-    #   keeps 8,000 steps × 64 at 31 epochs, not 125, for the two-object captions' sake: a choice, not measured
+    #   keeps 16,000 steps × 64 at 62 epochs, not 250, for the two-object captions' sake: a choice, not measured
     #   apart (its first pass, which caches the frozen features, costs about 2 of Stage C's minutes).
     #   Not kept, each within its interval of this recipe without text_conv (position 0.53 / 0.57, binding
     #   0.14 / 0.30): 12,000 steps (on the 16,000-step B: 0.55 / 0.58, 0.17 / 0.34), a decay over the last 2,000

@@ -230,7 +230,7 @@ MAX_RESIDUAL = 60.0      # RGB distance from the background–colour line beyond
                          # under half the gap between the closest shape colours (orange and red, 95)
 MIN_AREA = 0.4           # a component smaller than this × the smallest shape (a small star) is noise
 SHAPE_FEATURES = ("fill", "aspect", "spread", "skew", "h3", "c4", "h5")
-REFERENCE_BLUR = 1.2     # px: the widest blur of the shape references, as of the CNN oracle's augment()
+REFERENCE_BLUR = 1.2     # px: the widest blur of the shape references, the same as in the CNN oracle's augment()
 
 
 def _pixels(images) -> np.ndarray:
