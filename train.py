@@ -93,7 +93,7 @@ TRAIN_PRESETS = {
     # - C 16,000 steps on 16,384 captions: resumed from 1,400 to 5,000 steps on a 12k-step B, position went from
     #   0.08 (chance) to 0.51 and single object (CNN) from 0.61 to 0.81. The larger caption set (4,096 before)
     #   keeps 16,000 steps × 64 at 62 epochs, not 250, for the two-object captions' sake: a choice, not measured
-    #   apart (its first pass, which caches the frozen features, costs about 2 of Stage C's minutes).
+    #   apart (its first pass, which caches the frozen features, costs about 2 of Stage C's 28 minutes).
     #   Not kept, each within its interval of this recipe without text_conv (position 0.53 / 0.57, binding
     #   0.14 / 0.30): 12,000 steps (on the 16,000-step B: 0.55 / 0.58, 0.17 / 0.34), a decay over the last 2,000
     #   (0.54 / 0.56, 0.14 / 0.29), c = 128 for 5,000 steps, about the same time (0.54 / 0.57, 0.19 / 0.32), and

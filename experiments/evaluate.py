@@ -230,7 +230,7 @@ MAX_RESIDUAL = 60.0      # RGB distance from the background–colour line beyond
                          # under half the gap between the closest shape colours (orange and red, 95)
 MIN_AREA = 0.4           # a component smaller than this × the smallest shape (a small star) is noise
 SHAPE_FEATURES = ("fill", "aspect", "spread", "skew", "h3", "c4", "h5")
-REFERENCE_BLUR = 1.2     # px: the widest blur of the shape references, the same as in the CNN oracle's augment()
+REFERENCE_BLUR = 1.2     # px: the widest blur of the shape references, and of the CNN oracle's augment()
 
 
 def _pixels(images) -> np.ndarray:
@@ -308,8 +308,8 @@ def _geometry(weights: np.ndarray) -> dict:
     # c_k = Σ r²·e^{ikθ} / Σ r². A shape with n-fold symmetry has c_k = 0 unless n divides k, and a blur keeps the
     # symmetry, only shrinking |c_k|: the triangle alone has c_3, the star alone c_5, and the cross (arms on the
     # axes, cos 4θ = 1) and the square (corners on the diagonals, cos 4θ = −1) differ in the sign of Re c_4. The
-    # fill of the bounding box, by contrast, rises from 0.46 towards the cross's 0.64 as a star blurs.
-    dx, dy = xx - cx, cy - yy                                          # y up, so that θ = 90° is the top
+    # fill of the bounding box, by contrast, rises from 0.46 towards the cross's 0.64 as a 64-px star blurs.
+    dx, dy = xx - cx, cy - yy                   # y up, as in a plot (flipping y changes none of the three numbers)
     r2, theta = dx ** 2 + dy ** 2, np.arctan2(dy, dx)
     harmonic = {k: (r2 * np.exp(1j * k * theta)).sum() / max(r2.sum(), 1e-9) for k in (3, 4, 5)}
     return {"area": area, "width": w, "centre": centre, "fill": area / (w * h), "aspect": h / w,
@@ -491,7 +491,7 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     palette entries."""
     B = images.shape[0]
     u = lambda *shape: torch.rand(*shape, generator=generator)
-    sigma = u(B) * 1.2                                                   # blur σ up to 1.2 px
+    sigma = u(B) * REFERENCE_BLUR                                        # blur σ up to 1.2 px
     x = torch.arange(-2, 3).float()
     k1 = torch.exp(-x ** 2 / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)                                    # (B, 5)

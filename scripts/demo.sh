@@ -20,7 +20,7 @@ fi
 mkdir -p "$out"
 rm -f "$out"/stage_[abc].pt "$out"/stage_[abc].safetensors "$out"/SHA256SUMS   # a fresh run: nothing earlier reused
 if [ $scratch = 1 ]; then
-  # The tiny preset's full recipe (scripts/train_weights.sh) takes about 115 minutes; these step counts fit 20 in
+  # The tiny preset's full recipe (scripts/train_weights.sh) takes about 113 minutes; these step counts fit 20 in
   # all. --lr-decay 0: Stage B at a constant rate, as measured (README, Results); the preset's decay over its last
   # 2,000 steps would be nearly all of these, and decaying over the second half did worse (docs/shipped.md).
   .venv/bin/python train.py --stage a --preset tiny --out "$out" --steps 600

@@ -128,11 +128,12 @@ def test_angular_harmonics_follow_the_symmetry():
     """On a large render of each shape, only the harmonic that its symmetry allows is strong: 3 for the triangle,
     5 for the star, 4 for the cross (positive: arms on the axes) and the square (negative: corners on the
     diagonals), none for the circle."""
+    size = 192
     for shape in data.SHAPES:
-        size = 192
         obj = data._place(random.Random(0), shape, "red", "large", (1, 1), size)
         image = np.asarray(data.draw_scene(data.SceneAttributes((obj,), "white", None, size)), np.float32)
-        coverage = 1 - image[..., 1] / 255            # red on white: the green channel falls from 255 to 0 inside
+        red_green = data.COLOURS["red"][1]          # red on white: green falls from 255 outside to this inside
+        coverage = (255 - image[..., 1]) / (255 - red_green)
         g = ev._geometry(coverage)
         strong = {k for k in ("h3", "h5") if g[k] > 0.2} | ({"c4+"} if g["c4"] > 0.2 else set()) \
             | ({"c4-"} if g["c4"] < -0.2 else set())
@@ -308,9 +309,9 @@ def test_no_generation_needs_no_stage_c(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------
 # experiments/oracle_blur.py
 # ----------------------------------------------------------------------------------------------------------------
-def test_oracle_blur_is_a_gaussian_of_the_asked_width():
+def test_gaussian_blur_is_a_gaussian_of_the_asked_width():
     """A point spreads into a kernel that sums to 1 with variance σ² along each axis; a flat image stays flat."""
-    gaussian_blur = ev.gaussian_blur
+    gaussian_blur = ev.gaussian_blur                  # also what experiments/oracle_blur.py blurs with
     point = torch.zeros(1, 3, 21, 21)
     point[:, :, 10, 10] = 1.0
     out = gaussian_blur(point, 1.5)[0, 0]
