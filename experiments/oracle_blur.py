@@ -3,8 +3,9 @@
 
 How much softness each oracle of experiments/evaluate.py forgives: single-object accuracy of real renders blurred
 by a Gaussian of σ pixels, beside Stage A's reconstructions, with each set's PSNR against the real images. It tells
-a decoder that the oracle cannot read apart from one that draws the wrong shape: if a blur that keeps the PSNR above
-Stage A's already costs the analytic oracle shapes, a sharper Stage A is what the analytic figure needs.
+a decoder that the oracle cannot read apart from one that draws the wrong shape: if a blur that leaves the shapes
+plain to the eye, at a PSNR above Stage A's, already costs an oracle shapes, that oracle measures sharpness rather
+than shape. (It found the analytic oracle reading blurred stars as crosses: docs/shipped.md, 2026-12-01.)
 """
 import argparse
 import sys
