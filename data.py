@@ -16,6 +16,9 @@ the colour, shape, size, position and spatial relation that its caption asks for
 
 `ImageFolderDataset` reads a folder of your own images with captions, in the Hugging Face "imagefolder" layout
 (metadata.jsonl with file_name and text) or with a .txt caption next to each image.
+
+`Batches` is what train.py reads at each step, the same on a resumed run; `FrozenFeatures` keeps what the frozen
+encoders compute per sample, so that they run once per sample rather than once per epoch.
 """
 import json
 import math
@@ -27,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
+
+from checkpoints import first_line
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vocabulary of the shapes world
@@ -66,8 +71,8 @@ FILL_RATIO = {
 }
 
 # Bounding-box width as a fraction of the image side. A cell is 1/3 of the side, so a large shape fills most of it
-# (at most 1/3 − 2·CELL_MARGIN). Small is 14 px at 64 px: at 0.17 (11 px) even the tiny demo's Stage A kept the
-# form of only 31% of small shapes (78% of large ones) by experiments/evaluate.py's analytic oracle.
+# (at most 1/3 − 2·CELL_MARGIN). Small is 14 px at 64 px: at 11 px the tiny Stage A lost the form of most small
+# shapes (docs/tiny_recipe.md#stage-b-at-patch-size-1-and-small-shapes-of-14-px).
 SIZES = {"small": 0.22, "large": 0.29}
 CELL_MARGIN = 1 / 64                   # gap kept between a shape and its cell's edge: 1 px at 64 px
 MIN_SIZE = 32                          # image side below which the small shapes (7 px) lose their outlines
@@ -378,11 +383,6 @@ def load_image(path, size: int) -> Image.Image:
         return ImageOps.fit(to_rgb(image), (size, size), method=Image.Resampling.BICUBIC)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _read_metadata(root: Path) -> dict[Path, str]:
     """Captions from every metadata.jsonl under root (Hugging Face imagefolder): one JSON object per line with
     "file_name" (relative to the metadata file's folder) and "text" ("caption" is accepted too)."""
@@ -448,7 +448,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 with Image.open(path):            # reads the header only; a full decode is left to __getitem__
                     pass
             except Exception as e:                # Pillow raises many types (OSError, SyntaxError, ...) for bad files
-                unreadable.append((path, _first_line(e)))
+                unreadable.append((path, first_line(e)))
                 continue
             self.paths.append(path)
             self.captions.append(caption)
@@ -479,6 +479,72 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 return to_tensor(load_image(self.paths[i], self.size)), self.captions[i]
             except Exception as e:                # as above: a truncated or corrupt file must not end a run
                 self.failed.add(i)
-                warnings.warn(f"image folder {self.root}: cannot decode {self.paths[i]} ({_first_line(e)}); using "
+                warnings.warn(f"image folder {self.root}: cannot decode {self.paths[i]} ({first_line(e)}); using "
                               f"the next image instead ({len(self.failed)} failed so far)", stacklevel=2)
         raise UndecodableFolder(f"image folder {self.root}: none of its {len(self.paths)} images can be decoded")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a training step reads: batches by step, and frozen encoders' outputs kept per sample
+# ----------------------------------------------------------------------------------------------------------------
+class Batches:
+    """What train.py's micro-step i reads: a fixed function of (seed, i, rank), so a resumed run sees exactly the
+    data it would have seen. Returns (images (B, 3, S, S) in [0, 1], captions, dataset indices).
+
+    data: "shapes" (the built-in shapes) or a folder of captioned images; cfg: a train.TrainConfig (batch_size,
+    image_size, dataset_size, two_object_prob, hold_out). A finite data set is read in epochs, each in a fresh
+    permutation."""
+
+    def __init__(self, data: str, seed: int, cfg, rank: int, world: int):
+        self.rank, self.world, self.batch_size = rank, world, cfg.batch_size
+        if data == "shapes":
+            endless = cfg.dataset_size == 0                               # then every batch is new images
+            self.dataset = ShapesDataset(length=2 ** 62 if endless else cfg.dataset_size, size=cfg.image_size,
+                                         seed=seed, two_object_prob=cfg.two_object_prob,
+                                         exclude=HELD_OUT_PAIRS if cfg.hold_out else ())
+        else:
+            self.dataset = ImageFolderDataset(data, size=cfg.image_size)
+        self.finite = data != "shapes" or cfg.dataset_size > 0
+        self.perms, self.seed = {}, seed
+
+    def index(self, i: int) -> int:
+        if not self.finite:
+            return i
+        n = len(self.dataset)
+        epoch = i // n
+        if epoch not in self.perms:                                       # a fresh permutation per epoch
+            self.perms = {epoch: torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self.perms[epoch][i % n])
+
+    def __call__(self, micro_step: int):
+        first = (micro_step * self.world + self.rank) * self.batch_size
+        indices = [self.index(first + k) for k in range(self.batch_size)]
+        items = [self.dataset[i] for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items], indices
+
+
+class FrozenFeatures:
+    """What a frozen model computes per sample (caption tokens, latents). On a finite data set it is computed once
+    and kept on the CPU, so the frozen encoders run once per sample, not once per epoch. It is computed in fixed
+    blocks of consecutive sample indices, so the values never depend on which batch first asked for them, and a
+    resumed run sees bit-identical features."""
+
+    BLOCK = 64
+
+    def __init__(self, batches: Batches, compute, enabled: bool):
+        self.batches, self.compute, self.enabled, self.store = batches, compute, enabled, {}
+
+    def _items(self, indices):
+        items = [self.batches.dataset[i] for i in indices]
+        return torch.stack([x for x, _ in items]), [c for _, c in items]
+
+    @torch.no_grad()
+    def __call__(self, indices: list[int], images, captions, device) -> torch.Tensor:
+        """Features of the batch (images, captions), whose samples are `indices` of the data set."""
+        if not self.enabled:
+            return self.compute(images, captions).to(device)
+        for block in sorted({i // self.BLOCK for i in indices if i not in self.store}):
+            ids = list(range(block * self.BLOCK, min((block + 1) * self.BLOCK, len(self.batches.dataset))))
+            for i, value in zip(ids, self.compute(*self._items(ids)).cpu()):
+                self.store[i] = value
+        return torch.stack([self.store[i] for i in indices]).to(device)

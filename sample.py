@@ -17,8 +17,6 @@ train.py writes (EMA weights by default), the shipped ones that scripts/export_w
 ones (official .pt or diffusers folders).
 """
 import argparse
-import hashlib
-import json
 import math
 import sys
 import time
@@ -29,190 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import stage_a
-import stage_b
-import stage_c
-from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, check_timesteps, linear_timesteps, sample
-
-STAGES = {"a": stage_a, "b": stage_b, "c": stage_c}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading: train.py checkpoints or published weights
-# ----------------------------------------------------------------------------------------------------------------
-def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
-    """Stage A → StageA, B → StageB (compressor + decoder), C → Prior, in eval mode.
-
-    A train.py checkpoint (it records its stage and config) gives its EMA weights by default; a .safetensors file
-    that export_weights.py wrote (weights/shapes/) gives the EMA weights it holds, after its SHA-256 is checked
-    against the SHA256SUMS beside it; anything else goes to the stage's `load_pretrained`, which reads the official
-    .pt files and diffusers folders.
-    """
-    module, path = STAGES[stage], Path(path)
-    if path.is_file() and path.suffix == ".pt":
-        ckpt = module._read_checkpoint(path)
-        if "stage" in ckpt and "config" in ckpt:                          # written by train.py
-            if not isinstance(ckpt.get(weights), dict) or not isinstance(ckpt["config"], dict):
-                raise module.CheckpointError(f"checkpoint {path}: a train.py checkpoint without its '{weights}' "
-                                             f"weights or config; expected both (damaged or edited by hand?)")
-            return _build_stage(stage, path, ckpt["stage"], ckpt["config"], ckpt[weights], weights,
-                                (ckpt.get("text_encoder"), ckpt.get("text_length")),
-                                ckpt.get("train", {}).get("image_size")).to(device).eval()
-        del ckpt                                  # an official .pt: free it before load_pretrained reads it again
-    if path.suffix == ".safetensors":
-        verify_weights(path.parent, [path.name])   # against the SHA256SUMS beside it, before a byte of it is used
-    if path.suffix == ".safetensors" and (info := exported_info(path)) is not None:
-        if weights != "ema":
-            raise module.CheckpointError(f"checkpoint {path}: an exported file holds the EMA weights only; "
-                                         f"expected --weights ema")
-        state = module._read_checkpoint(path)
-        return _build_stage(stage, path, info.get("stage"), info.get("config"), state, "ema",
-                            (info.get("text_encoder"), info.get("text_length")),
-                            info.get("image_size")).to(device).eval()
-    return module.load_pretrained(path, device=device)
-
-
-def _build_stage(stage: str, path: Path, saved_stage, config, state: dict, weights: str, text_encoder_spec,
-                 train_side):
-    """The model of a train.py checkpoint or an exported file: its config, its weights loaded strictly."""
-    module = STAGES[stage]
-    if saved_stage != stage:
-        raise module.CheckpointError(f"checkpoint {path} is a stage {str(saved_stage).upper()} checkpoint; "
-                                     f"expected stage {stage.upper()}")
-    if not isinstance(config, dict):
-        raise module.CheckpointError(f"checkpoint {path}: its config is a {type(config).__name__}; expected a dict")
-    config_class = {"a": stage_a.StageAConfig, "b": stage_b.StageBConfig, "c": stage_c.StageCConfig}[stage]
-    try:
-        config = config_class(**{k: _tuples(v) for k, v in config.items()})
-        model = {"a": stage_a.StageA, "b": stage_b.StageB, "c": stage_c.Prior}[stage](config)
-    except (TypeError, ValueError, ArithmeticError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise module.CheckpointError(f"checkpoint {path}: its config does not build a Stage {stage.upper()} "
-                                     f"({reason})") from None
-    module._load_strict(model, state, f"stage {stage.upper()} ({weights} weights)", path)
-    model.text_encoder_spec = tuple(text_encoder_spec)
-    model.train_side = train_side
-    return model
-
-
-def _tuples(value):
-    """JSON turns a config's tuples into lists; back into tuples, nested ones too (a frozen dataclass hashes them)."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The shipped weights (weights/shapes/): safetensors files, each checked against a SHA256SUMS manifest
-# ----------------------------------------------------------------------------------------------------------------
-SHIPPED = (Path(__file__).parent / "weights" / "shapes").resolve()
-MANIFEST = "SHA256SUMS"           # `sha256sum` format: "<hex>  <file name>" per line; `sha256sum -c` reads it too
-METADATA_KEY = "wuerstchen"       # the one metadata entry of an exported file: safetensors writes a metadata map of
-                                  # several keys in a random order, which would change the file's SHA-256 per export
-
-
-class WeightsError(ValueError):
-    """A weight file that is missing or is not the one its manifest names. The message is one line."""
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_manifest(folder) -> dict:
-    """{file name: SHA-256} from FOLDER/SHA256SUMS, or {} if there is none."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e.reason}); "
-                           f"expected '<SHA-256>  <file>' lines") from None
-    entries = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or len(parts[0]) != 64:
-            raise WeightsError(f"{path}, line {number}: {line.strip()[:60]!r}; expected '<64 hex digits>  <file>'")
-        entries[parts[1].lstrip("*")] = parts[0].lower()
-    return entries
-
-
-def verify_weights(folder, names=None):
-    """Checks the files that FOLDER/SHA256SUMS lists (or only `names`, where listed) before any of them loads: a
-    missing, truncated or altered file is one line naming it and the SHA-256 it should have. The shipped folder
-    must have its manifest."""
-    folder = Path(folder)
-    manifest, shipped = read_manifest(folder), folder.resolve() == SHIPPED
-    if not manifest and shipped:
-        raise WeightsError(f"{folder / MANIFEST}: missing; the shipped weights are checked against it "
-                           f"(git checkout -- {folder} restores the folder)")
-    for name in names or ():
-        if shipped and name not in manifest:
-            raise WeightsError(f"{folder / name}: not listed in {folder / MANIFEST}; expected one of "
-                               f"{', '.join(sorted(manifest))}")
-    for name, expected in manifest.items():
-        if names is not None and name not in names:
-            continue
-        path = folder / name
-        if not path.is_file():
-            raise WeightsError(f"{path}: missing; expected the file with SHA-256 {expected}")
-        try:
-            actual = file_sha256(path)
-        except OSError as e:
-            raise WeightsError(f"{path}: cannot be read ({e.strerror}); expected the file with SHA-256 "
-                               f"{expected}") from None
-        if actual != expected:
-            raise WeightsError(f"{path}: damaged or altered ({path.stat().st_size:,} bytes, SHA-256 {actual[:12]}…); "
-                               f"expected SHA-256 {expected}")
-
-
-def exported_info(path) -> dict | None:
-    """What export_weights.py recorded in a .safetensors file (stage, config, text encoder, image size), or None
-    for other safetensors files (a diffusers model's). Reads only the header."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except Exception:                     # unreadable: _read_checkpoint says why, in one line
-        metadata = {}
-    if METADATA_KEY not in metadata:
-        return None
-    try:
-        info = json.loads(metadata[METADATA_KEY])
-    except ValueError:
-        info = None
-    kinds = {"stage": str, "config": dict, "image_size": int, "text_encoder": (str, type(None)),
-             "text_length": (int, type(None))}
-    if not isinstance(info, dict) or not all(isinstance(info.get(k), t) for k, t in kinds.items()):
-        raise WeightsError(f"{path}: its '{METADATA_KEY}' metadata is not what scripts/export_weights.py writes; "
-                           f"expected a JSON object with {', '.join(kinds)}")
-    return info
-
-
-def run_paths(run, given: dict | None = None, stages: str = "abc") -> dict:
-    """{stage: checkpoint path} for `stages` of a run folder: given[stage] where set, else RUN/stage_x.pt
-    (train.py's), else RUN/stage_x.safetensors (exported, as in weights/shapes/). The exported files among them are
-    checked against the folder's SHA256SUMS, all before the first loads, so that a damaged one stops the run before
-    any stage is built."""
-    run, given = Path(run), given or {}
-    listed, paths = read_manifest(run), {}
-    for s in stages:
-        if given.get(s):
-            paths[s] = Path(given[s])
-            continue
-        pt, exported = run / f"stage_{s}.pt", run / f"stage_{s}.safetensors"
-        if pt.exists() and exported.exists():
-            raise WeightsError(f"{run} holds both {pt.name} and {exported.name}; expected one Stage {s.upper()}")
-        paths[s] = exported if not pt.exists() and (exported.exists() or exported.name in listed) else pt
-    chosen = [paths[s].name for s in stages if not given.get(s) and paths[s].suffix == ".safetensors"]
-    if chosen:                            # every file this run will load, before the first of them loads
-        verify_weights(run, chosen)
-    return paths
+import checkpoints
+from checkpoints import first_line, load_stage, run_paths
+from cli import OneLineParser, device_value, guidance_value, positive_int, seed_value, timestep_list
+from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps, sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,77 +126,6 @@ def save_grid(rows: list[torch.Tensor], path, pad: int = 2):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-def first_line(error: Exception) -> str:
-    """An exception's message cut to its first line (torch's can run to dozens), or its type if it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but an error is one line on stderr (exit status 2) instead of the usage block: the line itself
-    names the bad value and what was expected, and --help has the rest."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def timestep_list(text: str):
-    try:
-        values = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers separated by commas, descending from at most 1 "
-                                         f"to at least 0, e.g. 1,0.5,0") from None
-    try:
-        return check_timesteps(values)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def positive_int(text: str) -> int:
-    if not text.lstrip("-").isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return int(text)
-
-
-MAX_GUIDANCE = 10_000.0   # far beyond any useful scale (released: 4), and finite in fp32 and bf16 times any
-                          # prediction difference; 1e308 passes as a double but is inf as a float, and ended in
-                          # a traceback
-
-
-def guidance_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number ≥ 0") from None
-    if not 0 <= value <= MAX_GUIDANCE:
-        raise argparse.ArgumentTypeError(f"{text}: expected a finite guidance scale ≥ 0 and ≤ {MAX_GUIDANCE:g} (it "
-                                         f"is on for values > 1; released: 4)")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """torch.Generator takes seeds in 0 … 2^64 − 1; beyond that it fails with an overflow deep in torch."""
-    if not text.isdigit() or int(text) >= 2 ** 64:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer from 0 to 2^64 − 1")
-    return int(text)
-
-
-def device_value(text: str) -> torch.device:
-    """'auto' → cuda if there is one, else cpu. A device that does not exist here fails now, in one line, rather
-    than in the middle of loading the weights."""
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
-    return device
-
-
 def parse_args(argv=None):
     p = OneLineParser(description="Text → image with Würstchen's three stages.",
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[0])
@@ -429,7 +176,7 @@ def main(argv=None):
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    run = Path(args.run) if args.run else SHIPPED
+    run = Path(args.run) if args.run else checkpoints.SHIPPED
 
     def text_encoder(flag, model):
         from text import TextEncoder      # imports transformers (seconds): not before the checks that need none
@@ -487,7 +234,7 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory on {device} making {len(all_prompts)} images of {made}×{made} "
                          f"({first_line(e)}); expected a smaller --size or --batch") from None
-    out = Path(args.out) if args.out else (run / "samples" if args.run and run.resolve() != SHIPPED else Path("out"))
+    out = Path(args.out) if args.out else (run / "samples" if args.run and run.resolve() != checkpoints.SHIPPED else Path("out"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, (img, prompt) in enumerate(zip(images, all_prompts)):

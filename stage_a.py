@@ -15,13 +15,14 @@ Deliberate choices:
 - training may start the codebook from encoder outputs (`VectorQuantizer.init_from`), as small codebooks collapse
   from the released ±1/K initialisation.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,76 +233,9 @@ def discriminator_loss(discriminator: Discriminator, real: torch.Tensor, fake: t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading published weights. _read_checkpoint, _read_diffusers_folder and _load_strict are identical copies of
-# those in stage_b.py and stage_c.py, so that each stage file reads alone.
+# Loading published weights: this stage's key renames and configs. Safe reading and strict loading are shared
+# (checkpoints.py).
 # ----------------------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model. The message is one line."""
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """A state dict from a .safetensors file or a .pt read with weights_only=True (no code can run)."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file or folder")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
-                              f"weights file ({reason})") from None
-    if not isinstance(ckpt, dict):          # e.g. a bare tensor: every caller looks keys up in it
-        raise CheckpointError(f"checkpoint {path}: holds a {type(ckpt).__name__}; expected a dict of weights")
-    return ckpt
-
-
-def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
-    """(config.json, state dict) of a diffusers model folder, single-file or sharded safetensors."""
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"checkpoint folder {folder}: expected config.json and safetensors weights")
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    try:
-        config = json.loads(config_file.read_text())
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-            [p.name for p in folder.glob("*.safetensors")]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, or not the diffusers layout
-        raise CheckpointError(f"checkpoint folder {folder}: config.json or its weight index is not valid "
-                              f"diffusers JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint folder {folder}: config.json holds no JSON object")
-    if not files:
-        raise CheckpointError(f"checkpoint folder {folder}: no .safetensors weights next to config.json")
-    state = {}
-    for name in files:
-        state.update(_read_checkpoint(folder / name))
-    return config, state
-
-
-# A key only one stage has, to name the stage a mismatched checkpoint belongs to.
-_STAGE_MARKERS = {"vquantizer.": "Stage A (VQGAN)", "effnet_mappers.": "Stage B (decoder)",
-                  "backbone.": "the semantic compressor", "cond_mapper.": "Stage C (prior)"}
-
-
-def _load_strict(model: nn.Module, state: dict, what: str, source: Path):
-    """load_state_dict that fails with one line naming missing/unexpected keys or the first shape mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        found = {name for marker, name in _STAGE_MARKERS.items() if any(k.startswith(marker) for k in state)}
-        hint = f" (it looks like {', '.join(sorted(found))})" if found and what not in found else ""
-        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else "",
-                 f"{len(wrong)} shape mismatches, e.g. {wrong[0]}" if wrong else ""]
-        raise CheckpointError(f"checkpoint {source} does not fit {what}{hint}: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state, strict=True)
-
-
 def config_from_diffusers(raw: dict) -> StageAConfig:
     """Our config from a diffusers `PaellaVQModel` config.json."""
     fixed = {"in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2}
@@ -318,10 +252,10 @@ def load_pretrained(path, device="cpu") -> StageA:
     """The released Stage A, from `vqgan_f4_v1_500k.pt` (its `state_dict`) or a diffusers `vqgan/` folder."""
     path = Path(path)
     if path.is_dir():
-        raw, state = _read_diffusers_folder(path)
+        raw, state = read_diffusers_folder(path)
         config = config_from_diffusers(raw)
     else:
-        ckpt = _read_checkpoint(path)
+        ckpt = read_checkpoint(path)
         if "state_dict" not in ckpt:
             raise CheckpointError(f"checkpoint {path}: expected a 'state_dict' (vqgan_f4_v1_500k.pt), "
                                   f"found keys {sorted(ckpt)[:5]}")
@@ -329,5 +263,5 @@ def load_pretrained(path, device="cpu") -> StageA:
     # The official checkpoint calls the codebook `codebook`; diffusers and we call it `embedding`.
     state = {k.replace("vquantizer.codebook.", "vquantizer.embedding."): v for k, v in state.items()}
     model = StageA(config)
-    _load_strict(model, state, "Stage A (VQGAN)", path)
+    load_strict(model, state, "Stage A (VQGAN)", path)
     return model.to(device).eval()

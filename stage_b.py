@@ -14,7 +14,6 @@ compressor is our own EfficientNetV2 code (no torchvision) laid out like torchvi
 - levels are described by booleans (`attention`, `inject_semantic`), not the released "CT"/"CTA" strings;
 - semantic-latent and caption dropout for classifier-free guidance are drawn per sample.
 """
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
 from schedule import add_noise, p2_weight, sample_t, timestep_embedding
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,11 +98,8 @@ PRESETS = {
     "small": StageBConfig(c_hidden=(160, 320, 640, 640), nhead=(0, 5, 10, 10), blocks=(2, 2, 6, 2), c_cond=512,
                           c_text=384),
     # Tests and the CPU demo: a 64² image, 16² Stage A latent, 4² semantic latent from the stride-16 tiny backbone.
-    # patch_size 1, not the released 2: a small shape covers about 3×3 of the 16² latent, and a 2× unshuffle
-    # leaves it 1.5 tokens wide. Overfitting 64 demo images for 800 steps, patch 1 cut the x0 error on the shapes
-    # 4× and drew the right colour in 54% of images against 13%, at about 1.8× the time per step. End to end
-    # (scripts/demo.sh, then experiments/evaluate.py --n 200), single-object prompts right went from 0.03 to 0.09 (analytic
-    # oracle) and the asked colour from 0.15 to 0.41.
+    # patch_size 1, not the released 2: a small shape covers about 3×3 of the 16² latent, which a 2× unshuffle
+    # leaves 1.5 tokens wide (docs/tiny_recipe.md#stage-b-at-patch-size-1-and-small-shapes-of-14-px).
     "tiny": StageBConfig(c_r=32, patch_size=1, c_hidden=(32, 64, 64), nhead=(0, 4, 4), blocks=(1, 1, 1),
                          attention=(False, True, True), inject_semantic=(False, True, True), c_cond=64, c_text=384,
                          dropout=0.0, effnet_stem=16, effnet_stages=EFFNET_TINY, effnet_width=128,
@@ -468,76 +465,9 @@ class StageB(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading published weights. _read_checkpoint, _read_diffusers_folder and _load_strict are identical copies of
-# those in stage_a.py and stage_c.py, so that each stage file reads alone.
+# Loading published weights: this stage's key renames and configs. Safe reading and strict loading are shared
+# (checkpoints.py).
 # ----------------------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model. The message is one line."""
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """A state dict from a .safetensors file or a .pt read with weights_only=True (no code can run)."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file or folder")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
-                              f"weights file ({reason})") from None
-    if not isinstance(ckpt, dict):          # e.g. a bare tensor: every caller looks keys up in it
-        raise CheckpointError(f"checkpoint {path}: holds a {type(ckpt).__name__}; expected a dict of weights")
-    return ckpt
-
-
-def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
-    """(config.json, state dict) of a diffusers model folder, single-file or sharded safetensors."""
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"checkpoint folder {folder}: expected config.json and safetensors weights")
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    try:
-        config = json.loads(config_file.read_text())
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-            [p.name for p in folder.glob("*.safetensors")]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, or not the diffusers layout
-        raise CheckpointError(f"checkpoint folder {folder}: config.json or its weight index is not valid "
-                              f"diffusers JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint folder {folder}: config.json holds no JSON object")
-    if not files:
-        raise CheckpointError(f"checkpoint folder {folder}: no .safetensors weights next to config.json")
-    state = {}
-    for name in files:
-        state.update(_read_checkpoint(folder / name))
-    return config, state
-
-
-# A key only one stage has, to name the stage a mismatched checkpoint belongs to.
-_STAGE_MARKERS = {"vquantizer.": "Stage A (VQGAN)", "effnet_mappers.": "Stage B (decoder)",
-                  "backbone.": "the semantic compressor", "cond_mapper.": "Stage C (prior)"}
-
-
-def _load_strict(model: nn.Module, state: dict, what: str, source: Path):
-    """load_state_dict that fails with one line naming missing/unexpected keys or the first shape mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        found = {name for marker, name in _STAGE_MARKERS.items() if any(k.startswith(marker) for k in state)}
-        hint = f" (it looks like {', '.join(sorted(found))})" if found and what not in found else ""
-        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else "",
-                 f"{len(wrong)} shape mismatches, e.g. {wrong[0]}" if wrong else ""]
-        raise CheckpointError(f"checkpoint {source} does not fit {what}{hint}: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state, strict=True)
-
-
 def official_to_diffusers(state: dict) -> dict:
     """Rename the official checkpoint's nn.MultiheadAttention keys to our q/k/v projections (released renames)."""
     out = {}
@@ -578,21 +508,21 @@ def load_pretrained(path, compressor_path=None, device="cpu") -> StageB:
     """
     path = Path(path)
     if path.is_dir():
-        raw, state = _read_diffusers_folder(path)
+        raw, state = read_diffusers_folder(path)
         config, effnet_state = config_from_diffusers(raw), None
     else:
-        ckpt = _read_checkpoint(path)
+        ckpt = read_checkpoint(path)
         if "state_dict" not in ckpt:
             raise CheckpointError(f"checkpoint {path}: expected 'state_dict' and 'effnet_state_dict' "
                                   f"(model_v2_stage_b.pt), found keys {sorted(ckpt)[:5]}")
         state, effnet_state, config = ckpt["state_dict"], ckpt.get("effnet_state_dict"), PRESETS["paper"]
     if compressor_path is not None:
-        ckpt = _read_checkpoint(Path(compressor_path))
+        ckpt = read_checkpoint(Path(compressor_path))
         if "effnet_state_dict" not in ckpt:
             raise CheckpointError(f"checkpoint {compressor_path}: no 'effnet_state_dict' (model_v2_stage_b.pt)")
         effnet_state = ckpt["effnet_state_dict"]
     model = StageB(config)
-    _load_strict(model.decoder, official_to_diffusers(state), "Stage B (decoder)", path)
+    load_strict(model.decoder, official_to_diffusers(state), "Stage B (decoder)", path)
     if effnet_state is not None:
-        _load_strict(model.compressor, effnet_state, "the semantic compressor", Path(compressor_path or path))
+        load_strict(model.compressor, effnet_state, "the semantic compressor", Path(compressor_path or path))
     return model.to(device).eval()

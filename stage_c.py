@@ -13,7 +13,6 @@ Deliberate choices:
 - the tiny preset mixes neighbouring caption tokens with two 1-D convolutions (`text_conv`) before the attention
   reads them; the released prior has none, and neither do the paper and small presets.
 """
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
 from schedule import add_noise, p2_weight, sample_t, timestep_embedding
 
 
@@ -60,9 +60,8 @@ PRESETS = {
     "paper": StageCConfig(),
     # One consumer GPU. c_cond 384 is the width of all-MiniLM-L6-v2, the project's offline text encoder.
     "small": StageCConfig(c=768, c_cond=384, depth=12, nhead=12, semantic_shift=0.0, semantic_scale=1.0),
-    # Tests and the CPU demo. text_conv 2, ours: trained for 8,000 steps on the shipped Stages A and B, colour binding
-    # rose from 0.30 to 0.47 by the CNN oracle (0.05 to 0.52 for colour-shape pairs never seen in training) and
-    # position from 0.57 to 0.62 (experiments/evaluate.py --n 200 --k 4); 4 and 8 layers did no better (0.42, 0.45).
+    # Tests and the CPU demo. text_conv 2, ours: the caption tokens mix with their neighbours, for colour binding
+    # (docs/shipped.md#stage-c-mixes-neighbouring-caption-tokens).
     "tiny": StageCConfig(c=64, c_cond=384, c_r=32, depth=4, nhead=4, dropout=0.0, semantic_shift=0.0,
                          semantic_scale=1.0, text_conv=2),
 }
@@ -281,75 +280,9 @@ class Prior(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading published weights
+# Loading published weights: this stage's key renames and configs. Safe reading and strict loading are shared
+# (checkpoints.py).
 # ----------------------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the model. The message is one line."""
-
-
-def _read_checkpoint(path: Path) -> dict:
-    """A state dict from a .safetensors file or a .pt read with weights_only=True (no code can run)."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file or folder")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise many types for corrupt, truncated or unsafe files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path}: cannot be read safely; corrupt, truncated or not a plain "
-                              f"weights file ({reason})") from None
-    if not isinstance(ckpt, dict):          # e.g. a bare tensor: every caller looks keys up in it
-        raise CheckpointError(f"checkpoint {path}: holds a {type(ckpt).__name__}; expected a dict of weights")
-    return ckpt
-
-
-def _read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
-    """(config.json, state dict) of a diffusers model folder, single-file or sharded safetensors."""
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"checkpoint folder {folder}: expected config.json and safetensors weights")
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    try:
-        config = json.loads(config_file.read_text())
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
-            [p.name for p in folder.glob("*.safetensors")]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:   # not JSON, or not the diffusers layout
-        raise CheckpointError(f"checkpoint folder {folder}: config.json or its weight index is not valid "
-                              f"diffusers JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"checkpoint folder {folder}: config.json holds no JSON object")
-    if not files:
-        raise CheckpointError(f"checkpoint folder {folder}: no .safetensors weights next to config.json")
-    state = {}
-    for name in files:
-        state.update(_read_checkpoint(folder / name))
-    return config, state
-
-
-# A key only one stage has, to name the stage a mismatched checkpoint belongs to.
-_STAGE_MARKERS = {"vquantizer.": "Stage A (VQGAN)", "effnet_mappers.": "Stage B (decoder)",
-                  "backbone.": "the semantic compressor", "cond_mapper.": "Stage C (prior)"}
-
-
-def _load_strict(model: nn.Module, state: dict, what: str, source: Path):
-    """load_state_dict that fails with one line naming missing/unexpected keys or the first shape mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        found = {name for marker, name in _STAGE_MARKERS.items() if any(k.startswith(marker) for k in state)}
-        hint = f" (it looks like {', '.join(sorted(found))})" if found and what not in found else ""
-        parts = [f"{len(missing)} missing keys, e.g. {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}" if unexpected else "",
-                 f"{len(wrong)} shape mismatches, e.g. {wrong[0]}" if wrong else ""]
-        raise CheckpointError(f"checkpoint {source} does not fit {what}{hint}: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state, strict=True)
-
-
 def official_to_diffusers(state: dict) -> dict:
     """Rename the official checkpoint's nn.MultiheadAttention keys to our q/k/v projections (released renames)."""
     out = {}
@@ -372,16 +305,16 @@ def load_pretrained(path, device="cpu") -> Prior:
     """
     path = Path(path)
     if path.is_dir():
-        raw, state = _read_diffusers_folder(path)
+        raw, state = read_diffusers_folder(path)
         names = {f.name for f in fields(StageCConfig)}
         config = StageCConfig(**{k: v for k, v in raw.items() if k in names})
     else:
-        ckpt = _read_checkpoint(path)
+        ckpt = read_checkpoint(path)
         if "ema_state_dict" not in ckpt and "state_dict" not in ckpt:
             raise CheckpointError(f"checkpoint {path}: expected an 'ema_state_dict' (model_v3_stage_c.pt), "
                                   f"found keys {sorted(ckpt)[:5]}")
         state = ckpt.get("ema_state_dict", ckpt.get("state_dict"))
         config = PRESETS["paper"]
     model = Prior(config)
-    _load_strict(model, official_to_diffusers(state), "Stage C (prior)", path)
+    load_strict(model, official_to_diffusers(state), "Stage C (prior)", path)
     return model.to(device).eval()

@@ -14,7 +14,6 @@ Deliberate deviation: MiniLM is a sentence-embedding model trained on text pairs
 objective; it is used the CLIP way (token-level states, fixed length, attention mask).
 """
 import contextlib
-import hashlib
 import importlib.metadata
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, BertModel, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
+
+from checkpoints import file_sha256, first_line
 
 CLIP_MAX_LENGTH = 77                   # CLIP's context length, and what the released pipelines pad to
 
@@ -64,24 +65,16 @@ def verify_sha256(path: Path, expected: str):
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, expected)
     if key in _verified:
         return
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise TextEncoderError(f"{path}: SHA-256 mismatch, expected {expected}, got {digest.hexdigest()}; the file is "
-                               f"damaged or not the released weights")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise TextEncoderError(f"{path}: SHA-256 mismatch, expected {expected}, got {actual}; the file is damaged or "
+                               f"not the released weights")
     _verified.add(key)
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or \
         ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -108,7 +101,7 @@ def _from_pretrained(tokenizer_class, model_class, tokenizer_dir: Path, model_di
             model, info = model_class.from_pretrained(str(model_dir), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:    # what transformers raises for missing or mismatched files
         raise TextEncoderError(f"text encoder {model_dir}: cannot load a {model_class.__name__} "
-                               f"({_first_line(e)})") from None
+                               f"({first_line(e)})") from None
     missing = sorted(info["missing_keys"])
     if missing:
         raise TextEncoderError(f"text encoder {model_dir}: the weights lack {len(missing)} of the "

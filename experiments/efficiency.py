@@ -95,12 +95,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import stage_a
 import stage_b
 import stage_c
-from sample import encode_prompts, file_sha256, load_stage, run_paths, save_grid
+from checkpoints import file_sha256, load_stage, read_checkpoint, run_paths
+from data import Batches, FrozenFeatures
+from sample import encode_prompts, save_grid
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from experiments import evaluate as ev
 from schedule import sample as sample_loop
-from train import (TRAIN_PRESETS, Batches, FrozenFeatures, TrainConfig, atomic_save, autocast_for, learning_rate,
-                   step_generator, update_ema)
+from train import TRAIN_PRESETS, TrainConfig, autocast_for, learning_rate, step_generator, update_ema
+from train_state import atomic_save
 
 # ----------------------------------------------------------------------------------------------------------------
 # The decision rule. Changing it after seeing results defeats its purpose: it is printed before training starts.
@@ -279,7 +281,7 @@ def autoencoder_training_flops(path_a: Path, path_b: Path, text_flops_per_sample
     """Training FLOPs of Stage A and of Stage B (decoder + compressor, and its frozen Stage A and text passes), from
     the steps, batch and configs that train.py recorded in the checkpoints; None for weights without that record."""
     try:
-        ckpt_a, ckpt_b = stage_a._read_checkpoint(path_a), stage_b._read_checkpoint(path_b)
+        ckpt_a, ckpt_b = read_checkpoint(path_a), read_checkpoint(path_b)
         cfg_a, train_a = stage_a.StageAConfig(**ckpt_a["config"]), TrainConfig(**ckpt_a["train"])
         cfg_b, train_b = stage_b.StageBConfig(**ckpt_b["config"]), TrainConfig(**ckpt_b["train"])
         steps_a, steps_b = int(ckpt_a["step"]), int(ckpt_b["step"])
@@ -798,7 +800,7 @@ def main(argv=None):
     side = cfg.image_size
 
     # --- one data stream and one text cache for every arm ---
-    batches = Batches(SimpleNamespace(data="shapes", seed=args.seed), cfg, 0, 1)
+    batches = Batches("shapes", args.seed, cfg, 0, 1)
     text_features = FrozenFeatures(batches, lambda x, c: encoder.encode(c, device), cfg.cache_frozen)
     latent_features = {"f4": FrozenFeatures(batches, lambda x, c: vqgan.encode(x.to(device)), cfg.cache_frozen),
                        "semantic": FrozenFeatures(batches, lambda x, c: compressor(x.to(device)), cfg.cache_frozen)}

@@ -63,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data import (BACKGROUNDS, COLOURS, FILL_RATIO, HELD_OUT_PAIRS, POSITIONS, RELATIONS, SHAPES, SIZES,
                   TRIANGLE_HEIGHT, _STAR_HEIGHT, render_sample)
-from sample import (SHIPPED, encode_prompts, generate, guidance_value, latent_sizes, load_stage, positive_int,
-                    run_paths, save_grid, valid_side)
+from checkpoints import SHIPPED, load_stage, run_paths
+from cli import guidance_value, positive_int
+from sample import encode_prompts, generate, latent_sizes, save_grid, valid_side
 from schedule import STAGE_B_STEPS, STAGE_C_TIMESTEPS, linear_timesteps
 from schedule import sample as sample_loop
 

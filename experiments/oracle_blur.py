@@ -5,7 +5,8 @@ How much softness each oracle of experiments/evaluate.py forgives: single-object
 by a Gaussian of σ pixels, beside Stage A's reconstructions, with each set's PSNR against the real images. It tells
 a decoder that the oracle cannot read apart from one that draws the wrong shape: if a blur that leaves the shapes
 plain to the eye, at a PSNR above Stage A's, already costs an oracle shapes, that oracle measures sharpness rather
-than shape. (It found the analytic oracle reading blurred stars as crosses: docs/shipped.md, 2026-12-01.)
+than shape. (It found the analytic oracle reading blurred stars as crosses:
+docs/shipped.md#the-analytic-oracle-reads-shapes-by-their-symmetry.)
 """
 import argparse
 import sys
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from experiments import evaluate as ev   # noqa: E402  (the repository root must be on the path first)
-from sample import load_stage, run_paths  # noqa: E402
+from checkpoints import load_stage, run_paths  # noqa: E402
 
 
 def misreads(scenes, requests) -> str:

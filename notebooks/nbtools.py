@@ -70,7 +70,7 @@ def shown(path: Path) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 def _given_folder(run) -> Path | None:
     """The folder to load: RUN, else $WUERSTCHEN_RUN, else the shipped weights; None to train on the spot."""
-    from sample import SHIPPED
+    from checkpoints import SHIPPED
     given = run or os.environ.get("WUERSTCHEN_RUN") or SHIPPED
     if str(given) == "train":
         return None
@@ -105,7 +105,7 @@ def prepare_run(stages: str, run=None) -> Path:
     already there is reused. Training a stage removes the later stages' checkpoints, which were trained on top of
     the old one.
     """
-    from sample import SHIPPED, run_paths
+    from checkpoints import SHIPPED, run_paths
     given = _given_folder(run)
     if given is not None:
         paths = run_paths(given, stages=stages)   # exported files (the shipped ones): SHA-256s checked here
@@ -135,8 +135,9 @@ def prepare_run(stages: str, run=None) -> Path:
 
 
 def load(stage: str, folder: Path):
-    """A stage from a train.py checkpoint or an exported file (EMA weights), in eval mode, via sample.load_stage."""
-    from sample import load_stage, run_paths
+    """A stage from a train.py checkpoint or an exported file (EMA weights), in eval mode, via
+    checkpoints.load_stage."""
+    from checkpoints import load_stage, run_paths
     return load_stage(stage, run_paths(folder, stages=stage)[stage])
 
 
@@ -155,7 +156,7 @@ def training_log(folder: Path, stage: str) -> list[dict]:
 
 def checkpoint_step(folder: Path, stage: str) -> int:
     """The training step a stage's weights were saved at: from a train.py checkpoint or an exported file."""
-    from sample import exported_info, run_paths
+    from checkpoints import exported_info, run_paths
     path = run_paths(folder, stages=stage)[stage]
     if path.suffix == ".safetensors":
         return int(exported_info(path)["step"])

@@ -4,8 +4,8 @@
 Export a train.py run's EMA weights as safetensors files with a SHA256SUMS manifest: the shipped weights' format.
 
 Each stage becomes `stage_x.safetensors`: its EMA weights as trained (fp32) and one metadata entry
-(sample.METADATA_KEY) with what sample.load_stage needs to rebuild the model (stage, config, text encoder, training
-image size). Only weights are kept, not the optimizer or the discriminator, so the files are small and load with
+(checkpoints.METADATA_KEY) with what checkpoints.load_stage needs to rebuild the model (stage, config, text encoder,
+training image size). Only weights are kept, not the optimizer or the discriminator, so the files are small and load with
 no code run. Each stage's JSONL training log is copied beside its file. The same run gives the same bytes: tensors
 are written in name order and the metadata as sorted JSON. Once the manifest is written, each file is loaded as
 sample.py loads it and compared with the checkpoint's EMA weights.
@@ -22,15 +22,15 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import sample  # noqa: E402  (the project's root, added above)
-from sample import MANIFEST, METADATA_KEY, STAGES, file_sha256, load_stage  # noqa: E402
+import checkpoints  # noqa: E402  (the project's root, added above)
+from checkpoints import MANIFEST, METADATA_KEY, file_sha256, load_stage, read_checkpoint  # noqa: E402
 
 
 def export_stage(stage: str, checkpoint: Path, target: Path) -> None:
     """One train.py checkpoint's EMA weights → TARGET (.safetensors), written atomically."""
     model = load_stage(stage, checkpoint)                    # checks that the checkpoint builds its model
     info = {"stage": stage, "config": dataclasses.asdict(model.config),
-            "step": int(STAGES[stage]._read_checkpoint(checkpoint).get("step", 0)),
+            "step": int(read_checkpoint(checkpoint).get("step", 0)),
             "text_encoder": model.text_encoder_spec[0], "text_length": model.text_encoder_spec[1],
             "image_size": model.train_side}
     # clone(): safetensors refuses tensors that share storage, which a state dict's views can
@@ -42,7 +42,7 @@ def export_stage(stage: str, checkpoint: Path, target: Path) -> None:
 
 def check_export(stage: str, checkpoint: Path, target: Path) -> None:
     """The exported file, loaded as sample.py loads it (SHA-256 checked), holds exactly the checkpoint's EMA."""
-    ema = STAGES[stage]._read_checkpoint(checkpoint)["ema"]
+    ema = read_checkpoint(checkpoint)["ema"]
     loaded = load_stage(stage, target).state_dict()
     if loaded.keys() != ema.keys():
         raise SystemExit(f"error: {target}: its tensors are not those of {checkpoint}'s EMA weights")
@@ -54,7 +54,7 @@ def check_export(stage: str, checkpoint: Path, target: Path) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     p.add_argument("--run", default="runs/shipped", help="folder with train.py's stage_a/b/c.pt")
-    p.add_argument("--to", default=str(sample.SHIPPED), help="folder to write the .safetensors files and SHA256SUMS")
+    p.add_argument("--to", default=str(checkpoints.SHIPPED), help="folder to write the .safetensors files and SHA256SUMS")
     p.add_argument("--stages", default="abc", choices=["a", "ab", "abc"], help="which stages to export (default all)")
     args = p.parse_args(argv)
     run, to = Path(args.run), Path(args.to)

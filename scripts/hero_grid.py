@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data import DEMO_PROMPTS  # noqa: E402  (the project's root, added above)
-from sample import SHIPPED, encode_prompts, generate, load_stage, run_paths, valid_side  # noqa: E402
+from checkpoints import SHIPPED, load_stage, run_paths  # noqa: E402
+from sample import encode_prompts, generate, valid_side  # noqa: E402
 from text import TextEncoder  # noqa: E402
 
 SCALE, PAD, TEXT_WIDTH = 2, 4, 330

@@ -12,7 +12,7 @@ from PIL import Image
 
 from experiments import efficiency as eff
 import stage_c
-from train import FrozenFeatures
+from data import FrozenFeatures
 
 # ----------------------------------------------------------------------------------------------------------------
 # FLOPs

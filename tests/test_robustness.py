@@ -30,10 +30,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import sample
 import stage_a
 import stage_b
 import train
+import train_state
 from conftest import ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", PYTHONPATH=str(ROOT))
@@ -577,7 +579,7 @@ def test_unwritable_grid_and_log_warn_and_training_goes_on(tmp_path, monkeypatch
     """A grid that cannot be written (a folder in its place) and a log on a full disk each give one warning; the
     run still trains every step and writes its checkpoints."""
     (tmp_path / "stage_a_000002.png").mkdir()
-    monkeypatch.setattr(train, "open_log", lambda path, step: FullDiskLog(path, 1))
+    monkeypatch.setattr(train_state, "open_log", lambda path, step: FullDiskLog(path, 1))
     train.main([*FAST_A, "--out", str(tmp_path), "--steps", "4", "--sample-every", "2"])
     out = capsys.readouterr().out
     assert out.count("warning: cannot write the image grid") == 1 and "stage_a_000002.png" in out, out
@@ -652,8 +654,8 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         last = max(logged_steps(out), default=0)
         assert last >= target, f"seed {seed}"
         if ckpt_path.exists():            # it may not exist yet if the kill came before the first save ended
-            ckpt = stage_a._read_checkpoint(ckpt_path)                    # never corrupt: it reads, and loads
-            sample.load_stage("a", ckpt_path, weights="model")
+            ckpt = checkpoints.read_checkpoint(ckpt_path)                    # never corrupt: it reads, and loads
+            checkpoints.load_stage("a", ckpt_path, weights="model")
             saved = ckpt["step"]
         else:
             saved = 0

@@ -87,8 +87,8 @@ def test_tampered_weights_are_refused(tmp_path):
 
 def test_hash_is_checked_once_per_process(monkeypatch):
     calls = []
-    real = text.hashlib.sha256
-    monkeypatch.setattr(text.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    real = text.file_sha256
+    monkeypatch.setattr(text, "file_sha256", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(text, "_verified", set())
     weights = text.minilm_folder() / "model.safetensors"
     text.verify_sha256(weights, text.MINILM_SHA256)

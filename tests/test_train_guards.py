@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import checkpoints
 import sample
 import stage_c
 import train
@@ -431,7 +432,7 @@ def test_sample_cli_with_published_weight_flags(published, tmp_path, capsys):
             assert np.array_equal(grid[2:2 + size, 2 + i * (size + 2):2 + i * (size + 2) + size], pixels[i])
 
         # In-process, as sample.main does it: the same loaders, encoders and generator.
-        load = sample.load_stage
+        load = checkpoints.load_stage
         prior, decoder, vqgan = load("c", flags[1]), load("b", flags[3]).decoder, load("a", flags[5])
         from text import TextEncoder
         text_c, text_c_uncond = sample.encode_prompts(TextEncoder.from_name_or_path(flags[7]), [prompt], repeat=n)

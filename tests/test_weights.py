@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import sample
 import stage_a
 import stage_b
@@ -50,7 +51,7 @@ def test_export_loads_the_ema_weights_exactly_and_is_byte_stable(exported, tmp_p
     run, to = exported
     for s in "abc":
         ckpt = torch.load(run / f"stage_{s}.pt", weights_only=True)
-        theirs = sample.load_stage(s, to / f"stage_{s}.safetensors")
+        theirs = checkpoints.load_stage(s, to / f"stage_{s}.safetensors")
         assert json.loads(json.dumps(dataclasses.asdict(theirs.config))) == json.loads(json.dumps(ckpt["config"]))
         assert theirs.text_encoder_spec == ("minilm", 16) and theirs.train_side == 64
         loaded = theirs.state_dict()
@@ -59,20 +60,20 @@ def test_export_loads_the_ema_weights_exactly_and_is_byte_stable(exported, tmp_p
             assert loaded[name].dtype == value.dtype and torch.equal(loaded[name], value), name
         assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["ema"]), "EMA = model: no test"
     export(run, tmp_path)                        # a second export of the same run: the same bytes, the same hashes
-    assert (tmp_path / sample.MANIFEST).read_text() == (to / sample.MANIFEST).read_text()
-    assert len(sample.read_manifest(to)) == 3
+    assert (tmp_path / checkpoints.MANIFEST).read_text() == (to / checkpoints.MANIFEST).read_text()
+    assert len(checkpoints.read_manifest(to)) == 3
 
 
 def test_export_into_the_shipped_folder(exported, tmp_path, monkeypatch):
     """scripts/train_weights.sh exports into weights/shapes/, whose manifest is required: the export writes it
     before it loads the files back."""
     run, to = exported
-    monkeypatch.setattr(sample, "SHIPPED", tmp_path.resolve())
+    monkeypatch.setattr(checkpoints, "SHIPPED", tmp_path.resolve())
     spec = importlib.util.spec_from_file_location("export_weights", EXPORT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(["--run", str(run), "--to", str(tmp_path)])
-    assert (tmp_path / sample.MANIFEST).read_text() == (to / sample.MANIFEST).read_text()
+    assert (tmp_path / checkpoints.MANIFEST).read_text() == (to / checkpoints.MANIFEST).read_text()
 
 
 def test_sampling_from_the_export_matches_the_run(exported, tmp_path):
@@ -101,7 +102,7 @@ def test_a_damaged_file_is_one_line_and_nothing_loads(exported, tmp_path, monkey
     folder = tmp_path / "weights"
     shutil.copytree(to, folder)
     target = folder / f"stage_{stage}.safetensors"
-    expected = sample.read_manifest(folder)[target.name]
+    expected = checkpoints.read_manifest(folder)[target.name]
     damage(target, how)
     loaded = []
     real_load = sample.load_stage
@@ -112,20 +113,20 @@ def test_a_damaged_file_is_one_line_and_nothing_loads(exported, tmp_path, monkey
     assert message.startswith(f"error: {target}: ") and expected in message and "\n" not in message
     assert ("missing" if how == "missing" else "damaged or altered") in message
     assert loaded == [], "a stage loaded before the damaged file was found"
-    with pytest.raises(sample.WeightsError, match=expected):   # loading the one file by its path is checked too
+    with pytest.raises(checkpoints.WeightsError, match=expected):   # loading the one file by its path is checked too
         if how != "missing":
             real_load(stage, target)
         else:
-            sample.verify_weights(folder)
+            checkpoints.verify_weights(folder)
 
 
 def test_the_shipped_folder_needs_its_manifest(exported, tmp_path, monkeypatch):
     _, to = exported
     folder = tmp_path / "shipped"
     shutil.copytree(to, folder)
-    (folder / sample.MANIFEST).unlink()
-    monkeypatch.setattr(sample, "SHIPPED", folder.resolve())
-    with pytest.raises(SystemExit, match=f"{sample.MANIFEST}: missing"):
+    (folder / checkpoints.MANIFEST).unlink()
+    monkeypatch.setattr(checkpoints, "SHIPPED", folder.resolve())
+    with pytest.raises(SystemExit, match=f"{checkpoints.MANIFEST}: missing"):
         sample.main(["a red circle", *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
 
 
@@ -133,8 +134,8 @@ def test_a_folder_with_both_formats_of_a_stage_is_refused(exported, tmp_path):
     run, to = exported
     shutil.copytree(run, tmp_path / "both")
     shutil.copy(to / "stage_b.safetensors", tmp_path / "both")
-    with pytest.raises(sample.WeightsError, match="both stage_b.pt and stage_b.safetensors"):
-        sample.run_paths(tmp_path / "both")
+    with pytest.raises(checkpoints.WeightsError, match="both stage_b.pt and stage_b.safetensors"):
+        checkpoints.run_paths(tmp_path / "both")
 
 
 def test_stage_c_trains_on_exported_stages_a_and_b(exported, tmp_path):
@@ -144,10 +145,10 @@ def test_stage_c_trains_on_exported_stages_a_and_b(exported, tmp_path):
     folder.mkdir()
     for s in "ab":
         shutil.copy(to / f"stage_{s}.safetensors", folder)
-    lines = [line for line in (to / sample.MANIFEST).read_text().splitlines() if "stage_c" not in line]
-    (folder / sample.MANIFEST).write_text("\n".join(lines) + "\n")
+    lines = [line for line in (to / checkpoints.MANIFEST).read_text().splitlines() if "stage_c" not in line]
+    (folder / checkpoints.MANIFEST).write_text("\n".join(lines) + "\n")
     train.main(["--stage", "c", "--out", str(folder), "--steps", "2", *FAST])
-    assert sample.run_paths(folder) == {"a": folder / "stage_a.safetensors", "b": folder / "stage_b.safetensors",
+    assert checkpoints.run_paths(folder) == {"a": folder / "stage_a.safetensors", "b": folder / "stage_b.safetensors",
                                         "c": folder / "stage_c.pt"}
     sample.main(["a red circle", "--run", str(folder), *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
     assert (tmp_path / "out" / "grid.png").exists()
@@ -157,17 +158,17 @@ def test_stage_c_trains_on_exported_stages_a_and_b(exported, tmp_path):
 # The shipped weights themselves
 # ----------------------------------------------------------------------------------------------------------------
 def test_the_shipped_weights_are_whole_small_and_the_tiny_preset():
-    manifest = sample.read_manifest(sample.SHIPPED)
+    manifest = checkpoints.read_manifest(checkpoints.SHIPPED)
     assert sorted(manifest) == ["stage_a.safetensors", "stage_b.safetensors", "stage_c.safetensors"]
-    sample.verify_weights(sample.SHIPPED)
-    assert sum((sample.SHIPPED / name).stat().st_size for name in manifest) <= 10 * 2 ** 20
+    checkpoints.verify_weights(checkpoints.SHIPPED)
+    assert sum((checkpoints.SHIPPED / name).stat().st_size for name in manifest) <= 10 * 2 ** 20
     for s, module in (("a", stage_a), ("b", stage_b), ("c", stage_c)):
-        info = sample.exported_info(sample.SHIPPED / f"stage_{s}.safetensors")
+        info = checkpoints.exported_info(checkpoints.SHIPPED / f"stage_{s}.safetensors")
         assert info["stage"] == s and info["image_size"] == 64 and info["text_encoder"] == "minilm"
-        model = sample.load_stage(s, sample.SHIPPED / f"stage_{s}.safetensors")
+        model = checkpoints.load_stage(s, checkpoints.SHIPPED / f"stage_{s}.safetensors")
         assert model.config == module.PRESETS["tiny"], f"stage {s}: not the tiny preset that the card's command uses"
         assert info["step"] == train.TRAIN_PRESETS["tiny"][s].steps
-    card = (sample.SHIPPED / "README.md").read_text()
+    card = (checkpoints.SHIPPED / "README.md").read_text()
     for name, sha in manifest.items():
         assert sha in card, f"the model card does not give {name}'s SHA-256"
 
@@ -183,4 +184,4 @@ def test_sample_without_run_uses_the_shipped_weights(tmp_path, capsys):
 def test_exported_files_hold_the_ema_weights_only(exported):
     _, to = exported
     with pytest.raises(ValueError, match="holds the EMA weights only"):
-        sample.load_stage("a", to / "stage_a.safetensors", weights="model")
+        checkpoints.load_stage("a", to / "stage_a.safetensors", weights="model")
