@@ -33,7 +33,7 @@ from experiments.evaluate import EVAL_SEED, psnr
 folder = nb.prepare_run("a", RUN)
 
 # %%
-vqgan = nb.load("a", folder)      # sample.load_stage: the EMA weights of a train.py checkpoint
+vqgan = nb.load("a", folder)      # checkpoints.load_stage: the EMA weights of a train.py checkpoint
 cfg = vqgan.config
 with torch.device("meta"):        # the released size, for comparison: no memory, no arithmetic
     paper = stage_a.StageA(stage_a.PRESETS["paper"])

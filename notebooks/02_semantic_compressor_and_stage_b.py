@@ -208,6 +208,6 @@ nb.plt.show()
 # %% [markdown]
 # **Summary.** The semantic latent is a drastic compression: 341:1 by elements at 1024² (asserted above),
 # against Stage A's 12:1. The released model shows that this is enough to keep a picture's content and layout
-# and to leave the exact pixels to Stage B; the tiny models here, trained for about 80 minutes on a CPU, do so
-# for shapes on a flat background, with soft edges (section 2). It is what makes Stage C cheap: notebook 3
+# and to leave the exact pixels to Stage B; the tiny models here, trained on a CPU (their model card says how
+# long), do so for shapes on a flat background, with soft edges (section 2). It is what makes Stage C cheap: notebook 3
 # generates this latent from text.

@@ -5,12 +5,11 @@
 # latent from a caption's text tokens. Then Stage B expands that latent into Stage A's latent, and Stage A
 # decodes it into pixels. `sample.generate` runs the chain; here it is taken apart, step by step.
 #
-# **Status.** The shipped tiny models (`weights/shapes/`; README, Results) draw a one-object prompt's colour
-# and shape in 94% of images by the evaluation's CNN oracle (77% by its stricter analytic oracle, which misses
-# some small stars that Stage A blurs), and as well for colour–shape pairs they never saw; the asked placement
-# holds in 57–62%. Two objects are their weak point: both asked colour–shape pairs appear in 39–60% of images,
-# and a third object or a wrong shape is common. The chain itself is exact, and matches diffusers' `WuerstchenCombinedPipeline`
-# bit for bit (tests/test_pipeline_parity.py).
+# **Status.** The shipped tiny models (`weights/shapes/`) draw a one-object prompt's colour and shape in most
+# images, also for colour–shape pairs they never saw; two objects are their weak point, and a third object
+# or a wrong shape is common. The figures are in the README's
+# [Results](../README.md#results) and in the [model card](../weights/shapes/README.md). The chain itself is exact,
+# and matches diffusers' `WuerstchenCombinedPipeline` bit for bit (tests/test_pipeline_parity.py).
 
 # %%
 # Where the checkpoints come from: a folder of train.py checkpoints, e.g. "../runs/tiny" after

@@ -20,9 +20,9 @@ fi
 mkdir -p "$out"
 rm -f "$out"/stage_[abc].pt "$out"/stage_[abc].safetensors "$out"/SHA256SUMS   # a fresh run: nothing earlier reused
 if [ $scratch = 1 ]; then
-  # The tiny preset's full recipe (scripts/train_weights.sh) takes about 113 minutes; these step counts fit 20 in
-  # all. --lr-decay 0: Stage B at a constant rate, as measured (README, Results); the preset's decay over its last
-  # 2,000 steps would be nearly all of these, and decaying over the second half did worse (docs/shipped.md).
+  # The tiny preset's full recipe (scripts/train_weights.sh) takes far longer; these step counts fit 20 minutes in
+  # all. --lr-decay 0: Stage B at a constant rate; the preset's decay over its last 2,000 steps would be nearly all
+  # of these, and decaying over the second half did worse (docs/shipped.md#for-comparison-all-three-stages-from-scratch).
   .venv/bin/python train.py --stage a --preset tiny --out "$out" --steps 600
   .venv/bin/python train.py --stage b --preset tiny --out "$out" --steps 2200 --lr-decay 0
   .venv/bin/python train.py --stage c --preset tiny --out "$out" --steps 2500 --dataset-size 4096

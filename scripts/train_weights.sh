@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped weights (weights/shapes/): Stages A, B and C at the tiny preset on the built-in shapes, then
-# exports their EMA weights as safetensors with SHA256SUMS. About 113 minutes on 2 CPU cores; run it in the
-# background. CPU training is deterministic on one machine: the same machine gives the same files, bit for bit.
+# exports their EMA weights as safetensors with SHA256SUMS. About two hours on 2 CPU cores (the model card gives the
+# time measured); run it in the background. CPU training is deterministic on one machine: the same machine gives the same files, bit for bit.
 # Usage: bash scripts/train_weights.sh            (OUT=runs/shipped, WEIGHTS=weights/shapes to change the folders)
 set -euo pipefail
 cd "$(dirname "$0")/.."
