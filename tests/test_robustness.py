@@ -289,6 +289,20 @@ def test_train_bad_flags(argv, expected, capsys):
     assert expected in message, message
 
 
+@pytest.mark.parametrize("fields, expected", [
+    ({"steps": 0}, "steps 0: expected a positive integer"),
+    ({"lr": float("inf")}, "lr inf: expected a finite number > 0"),
+    ({"weight_decay": -1.0}, "weight_decay -1.0: expected a finite number ≥ 0"),
+    ({"ema_beta": 1.5}, "ema_beta 1.5: expected a number in [0, 1]"),
+    ({"dataset_size": -1}, "dataset_size -1: expected an integer ≥ 0"),
+])
+def test_train_config_checks_its_own_ranges(fields, expected):
+    """The range checks live in TrainConfig, so that code building one (experiments/, a notebook) gets them too."""
+    with pytest.raises(ValueError) as info:
+        train.TrainConfig(**fields)
+    assert str(info.value) == expected
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--image-size", "34", "--no-adversarial"], "--image-size 34: expected a multiple of 4"),
     (["--image-size", "32", "--disc-depth", "5"], "--image-size 32: expected more than 32 px"),
