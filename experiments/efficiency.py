@@ -12,7 +12,7 @@ diffusion model (LDM), for the same prompt alignment?
 It prints the decision rule first, then trains every arm, evaluates each at four checkpoints, and prints the tables;
 it writes OUT/efficiency.json, OUT/efficiency.md, the plot OUT/efficiency.png and sample images of each arm.
 
-Arms. All of them train on the same stream of built-in shapes (one `train.Batches`: the same images, captions and
+Arms. All of them train on the same stream of built-in shapes (one `data.Batches`: the same images, captions and
 order; data.HELD_OUT_PAIRS held out), with the same frozen text encoder (one cache of its tokens), the same
 TrainConfig (AdamW, warm-up, clipping, EMA, caption dropout for classifier-free guidance), the same per-step noise
 generators, one training loop (`train_arm`, train.py's loop step for step) and one loss: stage_c.Prior.loss, the

@@ -547,7 +547,7 @@ def test_a_folder_that_stops_decoding_keeps_the_steps_done(tmp_path, monkeypatch
     steps done are saved, though the last checkpoint was at step 2, and the error is one line."""
     import data
     folder = captioned_folder(tmp_path / "images", 4)
-    calls, real_load, real_call = [], data.load_image, train.Batches.__call__
+    calls, real_load, real_call = [], data.load_image, data.Batches.__call__
 
     def load_image(path, size):
         if len(calls) > 4 + 3:                # 4 batches start the codebook (TaskA.prepare), then steps 0–2
@@ -559,7 +559,7 @@ def test_a_folder_that_stops_decoding_keeps_the_steps_done(tmp_path, monkeypatch
         return real_call(self, micro_step)
 
     monkeypatch.setattr(data, "load_image", load_image)
-    monkeypatch.setattr(train.Batches, "__call__", call)
+    monkeypatch.setattr(data.Batches, "__call__", call)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                                   # the per-image "cannot decode" lines
         message = cli_error(train.main, [*FAST_A, "--out", str(tmp_path / "run"), "--data", str(folder),

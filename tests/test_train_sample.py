@@ -17,7 +17,7 @@ from PIL import Image
 import sample
 import train
 from conftest import ROOT
-from data import HELD_OUT_PAIRS
+from data import HELD_OUT_PAIRS, Batches
 
 # Small enough for seconds per run, big enough to exercise every path (grids, EMA after ema_start, checkpoints).
 # --lr-decay 0: a 2-step run continued to 4 equals a 4-step run only while the rate does not depend on the total,
@@ -103,7 +103,7 @@ def test_built_in_shapes_hold_out_the_evaluation_pairs():
     """experiments/evaluate.py's held-out rows measure unseen compositions only if training never draws those pairs."""
     def pairs(argv):
         args, _, cfg = train.parse_args(["--stage", "a", "--dataset-size", "400"] + argv)
-        data = train.Batches(args.data, args.seed, cfg, rank=0, world=1).dataset
+        data = Batches(args.data, args.seed, cfg, rank=0, world=1).dataset
         return {(o.colour, o.shape) for i in range(len(data)) for o in data.sample(i).attributes.objects}
     assert not pairs([]) & HELD_OUT_PAIRS
     assert pairs(["--hold-out", "false"]) & HELD_OUT_PAIRS
@@ -113,7 +113,7 @@ def test_two_object_prob_sets_the_share_of_two_object_scenes():
     """--two-object-prob reaches the built-in shapes: 0 draws only one-object scenes, 1 only two-object ones."""
     def counts(p):
         args, _, cfg = train.parse_args(["--stage", "c", "--dataset-size", "200", "--two-object-prob", p])
-        data = train.Batches(args.data, args.seed, cfg, rank=0, world=1).dataset
+        data = Batches(args.data, args.seed, cfg, rank=0, world=1).dataset
         return {len(data.sample(i).attributes.objects) for i in range(len(data))}
     assert counts("0") == {1} and counts("1") == {2} and counts("0.5") == {1, 2}
 
