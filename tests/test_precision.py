@@ -67,11 +67,11 @@ def fp32_run(tmp_path_factory):
 @pytest.mark.parametrize("stage", ["a", "b", "c"])
 def test_each_stage_trains_under_bf16(fp32_run, tmp_path, stage, capsys):
     # bf16 autocast is 20-30× slower on a CPU than fp32: 3 steps at batch 2, no feature cache to fill
-    argv = ["--stage", stage, "--out", str(tmp_path), "--steps", "3", *FAST, "--precision", "bf16",
-            "--batch-size", "2", "--cache-frozen", "false", "--stage-a", str(fp32_run / "stage_a.pt")]
+    argv = ["--stage", stage, "--steps", "3", *FAST, "--batch-size", "2", "--cache-frozen", "false",
+            "--stage-a", str(fp32_run / "stage_a.pt")]
     argv += {"a": ["--adversarial-start", "1"], "b": [], "c": ["--stage-b", str(fp32_run / "stage_b.pt")]}[stage]
     with layer_dtypes(within=(train.TASKS[stage], "loss")) as dtypes:
-        train.main(argv)
+        train.main([*argv, "--precision", "bf16", "--out", str(tmp_path)])
     assert "· bf16 ·" in capsys.readouterr().out
     assert dtypes and set(dtypes) == {torch.bfloat16}, f"layer outputs in the loss: {sorted(set(map(str, dtypes)))}"
     records = [json.loads(line) for line in (tmp_path / f"stage_{stage}.log.jsonl").read_text().splitlines()]
@@ -86,8 +86,7 @@ def test_each_stage_trains_under_bf16(fp32_run, tmp_path, stage, capsys):
                 continue
             assert tensor.dtype == torch.float32, f"{key}.{name} is stored as {tensor.dtype}; expected fp32 masters"
             assert torch.isfinite(tensor).all(), f"{key}.{name} is not finite after bf16 training"
-    train.main([*argv[:argv.index("--precision")], "--precision", "fp32", *argv[argv.index("--precision") + 2:],
-                "--out", str(tmp_path / "fp32")])
+    train.main([*argv, "--precision", "fp32", "--out", str(tmp_path / "fp32")])     # the same run in fp32
     fp32 = torch.load(tmp_path / "fp32" / f"stage_{stage}.pt", weights_only=True)["model"]
     assert any(not torch.equal(fp32[name], tensor) for name, tensor in ckpt["model"].items()), \
         "bf16 training made the same weights as fp32"
