@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-import stage_a
 import stage_b
 import stage_c
 from conftest import ROOT
