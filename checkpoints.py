@@ -107,9 +107,10 @@ def load_strict(model: nn.Module, state: dict, what: str, source: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checksums and the manifest of the shipped weights (weights/shapes/)
+# Checksums and the manifest of the shipped weights (weights/shapes/ and weights/emoji/)
 # ----------------------------------------------------------------------------------------------------------------
-SHIPPED = (Path(__file__).parent / "weights" / "shapes").resolve()
+SHIPPED = (Path(__file__).parent / "weights" / "shapes").resolve()          # the default of sample.py and notebooks
+SHIPPED_EMOJI = (Path(__file__).parent / "weights" / "emoji").resolve()
 MANIFEST = "SHA256SUMS"           # `sha256sum` format: "<hex>  <file name>" per line; `sha256sum -c` reads it too
 
 
@@ -147,7 +148,7 @@ def verify_weights(folder, names=None):
     missing, truncated or altered file is one line naming it and the SHA-256 it should have. The shipped folder
     must have its manifest."""
     folder = Path(folder)
-    manifest, shipped = read_manifest(folder), folder.resolve() == SHIPPED
+    manifest, shipped = read_manifest(folder), folder.resolve() in (SHIPPED, SHIPPED_EMOJI)
     if not manifest and shipped:
         raise WeightsError(f"{folder / MANIFEST}: missing; the shipped weights are checked against it "
                            f"(git checkout -- {folder} restores the folder)")

@@ -1,5 +1,6 @@
 """Usage:
     python sample.py "a red star on the left"                     # the shipped weights (weights/shapes/)
+    python sample.py "red apple" "thumbs up: dark skin tone" --world emoji              # weights/emoji/
     python sample.py "a small red circle at the top left" --run runs/tiny
     python sample.py "an astronaut" --stage-c wuerstchen-prior/prior --stage-b wuerstchen/decoder \\
         --stage-a wuerstchen/vqgan --text-encoder-c wuerstchen-prior --text-encoder-b wuerstchen --size 1024
@@ -130,10 +131,14 @@ def parse_args(argv=None):
     p = OneLineParser(description="Text → image with Würstchen's three stages.",
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="*", help="captions to draw")
-    p.add_argument("--demo-prompts", action="store_true", help="also draw the fixed demo prompts (data.DEMO_PROMPTS)")
+    p.add_argument("--demo-prompts", action="store_true",
+                   help="also draw the fixed demo prompts of --world (data.DEMO_PROMPTS, data.EMOJI_DEMO_PROMPTS)")
+    p.add_argument("--world", choices=["shapes", "emoji"], default="shapes",
+                   help="which built-in world's shipped weights (weights/shapes/ or weights/emoji/) and demo\n"
+                        "prompts to use")
     p.add_argument("--run", default=None,
                    help="folder with train.py's stage_a/b/c.pt or exported .safetensors (default: the shipped\n"
-                        "weights, weights/shapes/, trained on the built-in shapes)")
+                        "weights of --world)")
     p.add_argument("--stage-a", help="Stage A checkpoint: train.py .pt, vqgan_f4_v1_500k.pt or a diffusers vqgan/")
     p.add_argument("--stage-b", help="Stage B checkpoint: train.py .pt, model_v2_stage_b.pt or a diffusers decoder/")
     p.add_argument("--stage-c", help="Stage C checkpoint: train.py .pt, model_v3_stage_c.pt or a diffusers prior/")
@@ -165,8 +170,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from data import DEMO_PROMPTS
-    prompts = (list(DEMO_PROMPTS) if args.demo_prompts else []) + [p.strip() for p in args.prompts]
+    from data import DEMO_PROMPTS, EMOJI_DEMO_PROMPTS
+    demo = EMOJI_DEMO_PROMPTS if args.world == "emoji" else DEMO_PROMPTS
+    prompts = (list(demo) if args.demo_prompts else []) + [p.strip() for p in args.prompts]
     if not prompts:
         raise SystemExit("error: no prompt given; pass one or more captions, or --demo-prompts")
     for number, (given, prompt) in enumerate(zip(args.prompts, prompts[len(prompts) - len(args.prompts):]), 1):
@@ -176,7 +182,7 @@ def main(argv=None):
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    run = Path(args.run) if args.run else checkpoints.SHIPPED
+    run = Path(args.run) if args.run else (checkpoints.SHIPPED_EMOJI if args.world == "emoji" else checkpoints.SHIPPED)
 
     def text_encoder(flag, model):
         from text import TextEncoder      # imports transformers (seconds): not before the checks that need none
@@ -234,7 +240,8 @@ def main(argv=None):
             raise
         raise SystemExit(f"error: out of memory on {device} making {len(all_prompts)} images of {made}×{made} "
                          f"({first_line(e)}); expected a smaller --size or --batch") from None
-    out = Path(args.out) if args.out else (run / "samples" if args.run and run.resolve() != checkpoints.SHIPPED else Path("out"))
+    shipped = run.resolve() in (checkpoints.SHIPPED, checkpoints.SHIPPED_EMOJI)
+    out = Path(args.out) if args.out else (run / "samples" if args.run and not shipped else Path("out"))
     try:
         out.mkdir(parents=True, exist_ok=True)
         for i, (img, prompt) in enumerate(zip(images, all_prompts)):

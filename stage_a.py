@@ -56,6 +56,8 @@ PRESETS = {
     "tiny": StageAConfig(bottleneck_blocks=2, c_hidden=64, codebook_size=1024, scale_factor=1.0,
                          adversarial_start=2_000, disc_c_hidden=128, disc_depth=4),
 }
+# The emoji world (train.py --preset emoji): the tiny model as it is.
+PRESETS["emoji"] = PRESETS["tiny"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

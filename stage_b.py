@@ -105,6 +105,8 @@ PRESETS = {
                          dropout=0.0, effnet_stem=16, effnet_stages=EFFNET_TINY, effnet_width=128,
                          effnet_resize=1.0, effnet_drop_path=0.0, resolution_multiple=16.0, latent_dim_scale=4.0),
 }
+# The emoji world (train.py --preset emoji): the tiny model as it is.
+PRESETS["emoji"] = PRESETS["tiny"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

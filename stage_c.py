@@ -13,6 +13,7 @@ Deliberate choices:
 - the tiny preset mixes neighbouring caption tokens with two 1-D convolutions (`text_conv`) before the attention
   reads them; the released prior has none, and neither do the paper and small presets.
 """
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -65,6 +66,9 @@ PRESETS = {
     "tiny": StageCConfig(c=64, c_cond=384, c_r=32, depth=4, nhead=4, dropout=0.0, semantic_shift=0.0,
                          semantic_scale=1.0, text_conv=2),
 }
+# The emoji world (train.py --preset emoji): tiny at twice the width, to hold 3,496 emoji rather than 30 colour-shape
+# pairs (docs/emoji.md#the-emoji-recipe).
+PRESETS["emoji"] = dataclasses.replace(PRESETS["tiny"], c=128)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Layers. LayerNorm2d, GlobalResponseNorm, TimestepBlock and AttnBlock have identical copies in stage_b.py, so that

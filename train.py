@@ -34,7 +34,7 @@ import stage_b
 import stage_c
 from checkpoints import first_line, load_stage, run_paths
 from cli import OneLineParser, device_value, field_flags
-from data import DEMO_PROMPTS, Batches, FrozenFeatures, UndecodableFolder
+from data import DEMO_PROMPTS, EMOJI_DEMO_PROMPTS, Batches, FrozenFeatures, UndecodableFolder
 from sample import encode_prompts, generate, valid_side
 from schedule import linear_timesteps, sample
 from train_state import Checkpointer, Progress, StepGuard, one_line, out_folder, read_for_resume
@@ -100,6 +100,15 @@ TRAIN_PRESETS = {
                               dataset_size=4096, cache_frozen=True),
              "c": TrainConfig(steps=16_000, batch_size=64, lr=1e-3, warmup=100, ema_start=500, dataset_size=16_384,
                               cache_frozen=True)},
+    # weights/emoji/ (scripts/train_weights.sh emoji): the tiny preset on the emoji world, 64² on 2 CPU cores.
+    # Departures from tiny, each measured in docs/emoji.md#the-emoji-recipe:
+    # - Stage A 3,000 steps; Stage B 9,000 on 8,192 renders (2.6 per emoji), with the last 2,000 decaying;
+    # - Stage C 16,000 steps on 32,768 captioned renders (10 per emoji), the last 3,000 decaying.
+    "emoji": {"a": TrainConfig(steps=3000, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
+              "b": TrainConfig(steps=9000, batch_size=32, lr=2e-3, warmup=100, lr_decay=2000, ema_start=500,
+                               dataset_size=8192, cache_frozen=True),
+              "c": TrainConfig(steps=16_000, batch_size=64, lr=1e-3, warmup=100, lr_decay=3000, ema_start=500,
+                               dataset_size=32_768, cache_frozen=True)},
     # One consumer GPU, 256² images.
     "small": {s: TrainConfig(steps=50_000, batch_size=32, lr=3e-4, warmup=1000, ema_start=2000, ema_every=10,
                              ema_beta=0.99, image_size=256, log_every=100, sample_every=2000, save_every=2000)
@@ -118,12 +127,14 @@ def parse_args(argv=None):
     p = OneLineParser(description="Train one Würstchen stage (A, then B, then C).",
                       formatter_class=argparse.RawTextHelpFormatter, add_help=False)
     p.add_argument("--stage", choices=["a", "b", "c"], required=True, help="which stage to train")
-    p.add_argument("--preset", choices=["tiny", "small", "paper"], default="tiny",
-                   help="model and training defaults (tiny: CPU demo, small: one GPU, paper: released)")
+    p.add_argument("--preset", choices=["tiny", "emoji", "small", "paper"], default="tiny",
+                   help="model and training defaults (tiny: CPU demo, emoji: tiny for --data emoji,\n"
+                        "small: one GPU, paper: released)")
     p.add_argument("--out", default="runs/tiny", help="folder for checkpoints, logs and grids")
-    p.add_argument("--data", default="shapes",
-                   help="'shapes' (built-in captioned shapes) or a folder of images with captions\n"
-                        "(a .txt per image or a metadata.jsonl with file_name/text)")
+    p.add_argument("--data", default=None,
+                   help="'shapes' or 'emoji' (the built-in worlds; default: emoji for --preset emoji, else\n"
+                        "shapes) or a folder of images with captions (a .txt per image or a metadata.jsonl\n"
+                        "with file_name/text)")
     p.add_argument("--stage-a", default=None, help="Stage A checkpoint (stages b, c; default OUT/stage_a.pt)")
     p.add_argument("--stage-b", default=None, help="Stage B checkpoint (stage c; default OUT/stage_b.pt)")
     p.add_argument("--text-encoder", default="minilm",
@@ -143,6 +154,8 @@ def parse_args(argv=None):
     train_dests = field_flags(p, "training", train_defaults)
     p.add_argument("-h", "--help", action="help", help="show this help, with the flags of --stage's config")
     args = p.parse_args(argv)
+    if args.data is None:
+        args.data = "emoji" if args.preset == "emoji" else "shapes"
     given = lambda dests: {name: getattr(args, d) for d, name in dests.items() if getattr(args, d) is not None}
     try:
         model_cfg = dataclasses.replace(model_defaults, **given(model_dests))
@@ -441,6 +454,7 @@ class TaskC(Task):
         self.uncond = self.text.encode([""], device)
         self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
         self.frozen, self.device = [self.vqgan, stage_b_model, self.text.model], device
+        self.demo_prompts = list(EMOJI_DEMO_PROMPTS if args.data == "emoji" else DEMO_PROMPTS)
         cache = train_cfg.cache_frozen and batches.finite
         self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
         self.text_tokens = FrozenFeatures(batches, lambda x, c: self.text.encode(c, device), cache)
@@ -460,7 +474,7 @@ class TaskC(Task):
     def grid(self, ema, images, captions):
         """One row: text-to-image samples for the demo prompts."""
         side = images.shape[-1]
-        text_c, text_c_uncond = encode_prompts(self.text, list(DEMO_PROMPTS), self.device)
+        text_c, text_c_uncond = encode_prompts(self.text, self.demo_prompts, self.device)
         return [generate(ema, self.decoder, self.vqgan, text_c, text_c_uncond, text_c, text_c_uncond, side, side,
                          generator=torch.Generator(self.device).manual_seed(0), device=self.device)]
 
