@@ -924,27 +924,17 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+def load_models(args, run: Path, device):
+    """(checkpoint paths, Stage A, Stage B, Stage C or None under --no-generation, Stage B's and Stage C's text
+    encoders) for a run folder and the --stage-x, --weights and --no-generation flags. Errors are one line."""
     from text import TextEncoder
-
-    def log(message, progress=False):
-        """progress lines overwrite each other on a terminal, and are left out of logs"""
-        if not args.quiet and (not progress or sys.stdout.isatty()):
-            print(message, end="\r" if progress else "\n", flush=True)
-
-    t_start, timings = time.time(), {}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    run = Path(args.run)
-
     encoders = {}                           # Stages B and C usually share one: load it once
 
     def text_encoder(model):
         spec, length = getattr(model, "text_encoder_spec", (None, None))
         if spec is None:
-            raise SystemExit("error: experiments/evaluate.py needs train.py checkpoints, which name their text encoder")
+            raise SystemExit(f"error: {Path(sys.argv[0]).name} needs train.py checkpoints, which name their text "
+                             f"encoder")
         if (spec, length) not in encoders:
             encoders[(spec, length)] = TextEncoder.from_name_or_path(spec, **({"max_length": length} if length
                                                                               else {})).to(device)
@@ -959,6 +949,24 @@ def main(argv=None):
         enc_c = None if prior is None else text_encoder(prior)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    return paths, vqgan, stage_b_model, prior, enc_b, enc_c
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    def log(message, progress=False):
+        """progress lines overwrite each other on a terminal, and are left out of logs"""
+        if not args.quiet and (not progress or sys.stdout.isatty()):
+            print(message, end="\r" if progress else "\n", flush=True)
+
+    t_start, timings = time.time(), {}
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    run = Path(args.run)
+
+    paths, vqgan, stage_b_model, prior, enc_b, enc_c = load_models(args, run, device)
     decoder, compressor = stage_b_model.decoder, stage_b_model.compressor
     side = args.size or getattr(prior if prior is not None else stage_b_model, "train_side", None) or 64
     if valid_side(side, decoder.config) != side:
