@@ -1,10 +1,13 @@
-"""The shipped weights (weights/shapes/) and their format: safetensors files checked against SHA256SUMS.
+"""The shipped weights (weights/shapes/ and weights/emoji/) and their format: safetensors files checked against
+SHA256SUMS.
 
 - scripts/export_weights.py turns a train.py run into the format, byte for byte the same each time, and the files
   load to exactly the checkpoints' EMA weights;
 - a missing, truncated or altered file is one line naming it and its expected SHA-256, before any stage loads;
 - sample.py with no --run uses the shipped weights, which are whole, small, and built from the tiny preset, and
   draw most demo prompts right by the CNN oracle (an untrained Stage C does not);
+- sample.py --world emoji uses weights/emoji/, which are whole, small, the emoji preset, checked like the shapes'
+  and draw most emoji demo prompts near their emoji by the nearest-render oracle (an untrained Stage C does not);
 - Stage C trains on exported Stages A and B (what scripts/demo.sh does) and samples from the mixed folder.
 """
 import dataclasses
@@ -159,20 +162,40 @@ def test_stage_c_trains_on_exported_stages_a_and_b(exported, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # The shipped weights themselves
 # ----------------------------------------------------------------------------------------------------------------
-def test_the_shipped_weights_are_whole_small_and_the_tiny_preset():
-    manifest = checkpoints.read_manifest(checkpoints.SHIPPED)
+SHIPPED_WORLDS = [("shapes", "tiny"), ("emoji", "emoji")]
+
+
+@pytest.mark.parametrize("world,preset", SHIPPED_WORLDS)
+def test_the_shipped_weights_are_whole_small_and_their_preset(world, preset):
+    folder = checkpoints.SHIPPED if world == "shapes" else checkpoints.SHIPPED_EMOJI
+    manifest = checkpoints.read_manifest(folder)
     assert sorted(manifest) == ["stage_a.safetensors", "stage_b.safetensors", "stage_c.safetensors"]
-    checkpoints.verify_weights(checkpoints.SHIPPED)
-    assert sum((checkpoints.SHIPPED / name).stat().st_size for name in manifest) <= 10 * 2 ** 20
+    checkpoints.verify_weights(folder)
+    assert sum((folder / name).stat().st_size for name in manifest) <= 10 * 2 ** 20
     for s, module in (("a", stage_a), ("b", stage_b), ("c", stage_c)):
-        info = checkpoints.exported_info(checkpoints.SHIPPED / f"stage_{s}.safetensors")
+        info = checkpoints.exported_info(folder / f"stage_{s}.safetensors")
         assert info["stage"] == s and info["image_size"] == 64 and info["text_encoder"] == "minilm"
-        model = checkpoints.load_stage(s, checkpoints.SHIPPED / f"stage_{s}.safetensors")
-        assert model.config == module.PRESETS["tiny"], f"stage {s}: not the tiny preset that the card's command uses"
-        assert info["step"] == train.TRAIN_PRESETS["tiny"][s].steps
-    card = (checkpoints.SHIPPED / "README.md").read_text()
+        model = checkpoints.load_stage(s, folder / f"stage_{s}.safetensors")
+        assert model.config == module.PRESETS[preset], f"stage {s}: not the {preset} preset that the card's command uses"
+        assert info["step"] == train.TRAIN_PRESETS[preset][s].steps
+    card = (folder / "README.md").read_text()
     for name, sha in manifest.items():
         assert sha in card, f"the model card does not give {name}'s SHA-256"
+
+
+def test_the_shipped_emoji_folder_is_checked_like_the_shapes_one(tmp_path, monkeypatch):
+    """A damaged file of weights/emoji/ is refused in one line before anything loads, and the folder needs its
+    manifest (sample.py --world emoji)."""
+    original, folder = checkpoints.SHIPPED_EMOJI, tmp_path / "emoji"
+    shutil.copytree(original, folder)
+    monkeypatch.setattr(checkpoints, "SHIPPED_EMOJI", folder.resolve())
+    damage(folder / "stage_b.safetensors", "altered")
+    with pytest.raises(SystemExit, match="stage_b.safetensors: .*damaged or altered"):
+        sample.main(["red apple", "--world", "emoji", *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
+    shutil.copy(original / "stage_b.safetensors", folder)                    # whole again
+    (folder / checkpoints.MANIFEST).unlink()
+    with pytest.raises(SystemExit, match=f"{checkpoints.MANIFEST}: missing"):
+        sample.main(["red apple", "--world", "emoji", *SAMPLE_FLAGS, "--out", str(tmp_path / "out")])
 
 
 def test_sample_without_run_uses_the_shipped_weights(tmp_path, capsys):
@@ -184,6 +207,45 @@ def test_sample_without_run_uses_the_shipped_weights(tmp_path, capsys):
     for name in ("000_a_red_star_on_the_left.png", "001_a_red_star_on_the_left.png", "grid.png"):
         default, shipped = (np.asarray(Image.open(tmp_path / run / name)) for run in ("default", "shipped"))
         assert np.array_equal(default, shipped), f"{name}: sample.py's default is not the shipped weights"
+
+
+def test_sample_world_emoji_uses_the_shipped_emoji_weights(tmp_path):
+    """sample.py --world emoji draws exactly what --run weights/emoji draws, at the same seed."""
+    sample.main(["red apple", "--world", "emoji", *SAMPLE_FLAGS, "--out", str(tmp_path / "world")])
+    sample.main(["red apple", "--run", str(checkpoints.SHIPPED_EMOJI), *SAMPLE_FLAGS, "--out", str(tmp_path / "run")])
+    world, run = (np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("world", "run"))
+    assert np.array_equal(world, run)
+    shapes = np.asarray(Image.open(tmp_path / "world" / "grid.png"))
+    sample.main(["red apple", *SAMPLE_FLAGS, "--out", str(tmp_path / "shapes")])
+    assert not np.array_equal(shapes, np.asarray(Image.open(tmp_path / "shapes" / "grid.png"))), \
+        "--world emoji drew what the shapes weights draw"
+
+
+def test_the_shipped_emoji_weights_draw_their_demo_prompts():
+    """The nearest-render oracle (nothing learned) finds the named emoji among the 5 nearest of all 3,496 in the
+    shipped weights' images of most emoji demo prompts; the same Stage C untrained, on the same A and B, in few
+    (measured: 22 of 24 images against 0), so the check can fail."""
+    from data import EMOJI_DEMO_PROMPTS, emoji_named
+    from experiments import evaluate_emoji as ee
+    from text import TextEncoder
+    world = ee.World()
+    oracle = ee.NearestOracle(world, 64)
+    targets = [world.index[emoji_named(p).name] for p in EMOJI_DEMO_PROMPTS]
+    paths = checkpoints.run_paths(checkpoints.SHIPPED_EMOJI)
+    vqgan, stage_b_model, prior = (checkpoints.load_stage(s, paths[s]) for s in "abc")
+    encoder = TextEncoder.from_name_or_path(prior.text_encoder_spec[0], max_length=prior.text_encoder_spec[1])
+    text, text_uncond = sample.encode_prompts(encoder, EMOJI_DEMO_PROMPTS, repeat=2)
+
+    def right(model) -> int:
+        images = sample.generate(model, stage_b_model.decoder, vqgan, text, text_uncond, text, text_uncond, 64, 64,
+                                 generator=torch.Generator().manual_seed(0))
+        return int(ee.score_images(oracle, world, images, targets, k=2)["top-5"].sum())
+
+    shipped = right(prior)
+    torch.manual_seed(0)
+    untrained = right(stage_c.Prior(prior.config).eval())
+    assert shipped >= 18, f"the shipped emoji weights draw {shipped} of 24 images near their emoji; expected ≥ 18"
+    assert untrained <= 4, f"an untrained Stage C draws {untrained} of 24 near their emoji: the check cannot tell"
 
 
 def demo_prompts_right(prior, decoder, vqgan, encoder, oracle, k: int = 4) -> int:
