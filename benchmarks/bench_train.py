@@ -1,6 +1,7 @@
 """Usage:
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_train.py --preset tiny --threads 2
     .venv/bin/python benchmarks/bench_train.py --preset small paper --device cuda --precision bf16
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_train.py --preset tiny emoji --stages c --profile 8
 
 Training speed per stage: samples/s, peak memory and model FLOPs per sample (so that GPU runs report MFU).
 
@@ -16,6 +17,8 @@ counts matrix multiplies, convolutions and attention (what MFU means by model FL
 MFU = FLOPs per sample × samples/s ÷ the device's peak dense bf16 rate (--peak-tflops, or a known card's).
 Peak memory: benchmarks/common.py (CUDA: max allocated; CPU: RSS growth, approximate after earlier stages).
 A stage that runs out of GPU memory is reported as such and the others still run.
+With --profile K, one more step runs under torch.profiler, and the K operators with the most self time (their own
+time, without the operators they call) are listed per row: where a step's time goes.
 Prints a markdown table last and writes every number to --json (and the table to the same name with .md).
 """
 import argparse
@@ -107,9 +110,32 @@ def bench_stage(stage: str, preset: str, args, device, autocast) -> dict:
         row.update({"step_s": s, "cpu_step_s": median(cpu), "samples_per_s": batch / s, "peak_mib": peak.mib,
                     "peak_how": peak.how, "steps_s": wall})
         row["tflops"] = row["gflop_per_sample"] * row["samples_per_s"] / 1e3
+        if args.profile:
+            row["profile"] = profile_step(step, device, args.profile)
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of GPU memory"
     return row                                    # the model and its optimizer go with this frame
+
+
+def profile_step(step, device, top: int) -> list[dict]:
+    """The `top` operators of one step by self time (CUDA time on a GPU, CPU time otherwise), with their share."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synced(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(getattr(e, attr) for e in events)
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key, "calls": e.count, "self_ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total}
+            for e in events[:top]]
+
+
+def profile_table(rows: list[dict]) -> str:
+    out = [[f"{r['preset']} {r['stage']}", p["op"], p["calls"], f"{p['self_ms']:.1f}", f"{p['share']:.0%}"]
+           for r in rows for p in r.get("profile", [])]
+    return markdown_table(["row", "operator", "calls", "self ms", "share of the step"], out) if out else ""
 
 
 def table(rows: list[dict], peak: float | None) -> str:
@@ -129,7 +155,7 @@ def table(rows: list[dict], peak: float | None) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["tiny"], choices=["tiny", "small", "paper"])
+    p.add_argument("--preset", nargs="+", default=["tiny"], choices=["tiny", "emoji", "small", "paper"])
     p.add_argument("--stages", default="abc", help="which stages, e.g. 'bc'")
     for s in "abc":
         p.add_argument(f"--batch-{s}", type=int, default=None, help=f"Stage {s.upper()} batch (default: train.py's)")
@@ -138,6 +164,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per stage (medians are reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="K",
+                   help="also profile one step and list its K costliest operators by self time")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known cards)")
     p.add_argument("--json", default="runs/bench/bench_train.json")
     return p.parse_args(argv)
@@ -170,6 +198,8 @@ def report(args, device, rows: list[dict]) -> str:
                f"{f'{peak:.0f} TFLOP/s' if peak else 'no known peak'}")
     how = next((r["peak_how"] for r in rows if "peak_how" in r), "n/a")
     text = f"{setting}\npeak memory: {how}\n\n{table(rows, peak)}\n"
+    if args.profile:
+        text += f"\nwhere one step's time goes (torch.profiler, self time):\n\n{profile_table(rows)}\n"
     write_json(args.json, {"setting": setting, "machine": machine(), "torch": torch.__version__,
                            "threads": args.threads, "device": str(device), "precision": args.precision,
                            "peak_tflops": peak, "command": args.command, "rows": rows})
