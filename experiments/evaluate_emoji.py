@@ -115,8 +115,8 @@ def render(world: World, targets: list[int], side: int, seed: int, augmented: bo
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class OracleConfig:
-    views: int = 16              # augmented renders per emoji, drawn once (ORACLE_SEED)
-    epochs: int = 10             # each with fresh blur and noise (evaluate.augment)
+    views: int = 20              # augmented renders per emoji, drawn once (ORACLE_SEED)
+    epochs: int = 16             # each with fresh blur and noise (evaluate.augment)
     batch_size: int = 128
     lr: float = 3e-3
     side: int = 64               # images are resized to this side first
