@@ -101,7 +101,7 @@ TRAIN_PRESETS = {
              "c": TrainConfig(steps=16_000, batch_size=64, lr=1e-3, warmup=100, ema_start=500, dataset_size=16_384,
                               cache_frozen=True)},
     # weights/emoji/ (scripts/train_weights.sh emoji): the tiny preset on the emoji world, 64² on 2 CPU cores.
-    # Departures from tiny, each measured in docs/emoji.md#the-emoji-recipe:
+    # Departures from tiny, and what each rests on: docs/emoji.md#the-emoji-recipe
     # - Stage A 3,000 steps; Stage B 9,000 on 8,192 renders (2.6 per emoji), with the last 2,000 decaying;
     # - Stage C 16,000 steps on 32,768 captioned renders (10 per emoji), the last 3,000 decaying.
     "emoji": {"a": TrainConfig(steps=3000, batch_size=16, lr=4e-3, warmup=50, ema_start=300),
