@@ -924,6 +924,34 @@ def parse_args(argv=None):
     return args
 
 
+def logger(quiet: bool):
+    """log(message, progress=False): progress lines overwrite each other on a terminal, and are left out of logs."""
+    def log(message, progress=False):
+        if not quiet and (not progress or sys.stdout.isatty()):
+            print(message, end="\r" if progress else "\n", flush=True)
+    return log
+
+
+def eval_device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def save_results(out: Path, results: dict, calibration: list, generated, k: int, captions: list[str], log,
+                 t_start: float):
+    """Writes results as JSON to `out` and, next to it as PNG, what the numbers are about for the first 12 prompts:
+    real, Stage A, Stage A+B (`calibration`), then the k generated images of each (none without Stage C)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shown = min(len(captions), 12)
+    generated_rows = [] if generated is None else [generated[j::k][:shown] for j in range(k)]
+    save_grid([x[:shown] for x in calibration] + generated_rows, out.with_suffix(".png"))
+    results["grid"] = {"path": str(out.with_suffix(".png")), "captions": captions[:shown],
+                       "rows": ["real", "Stage A", "Stage A+B from the semantic latent"] +
+                               [f"generated {j + 1}" for j in range(len(generated_rows))]}
+    out.write_text(json.dumps(results, indent=1))
+    log(f"\nresults: {out}, images of the first {shown} prompts: {out.with_suffix('.png')} "
+        f"({time.time() - t_start:.0f} s)")
+
+
 def load_models(args, run: Path, device):
     """(checkpoint paths, Stage A, Stage B, Stage C or None under --no-generation, Stage B's and Stage C's text
     encoders) for a run folder and the --stage-x, --weights and --no-generation flags. Errors are one line."""
@@ -957,13 +985,8 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    def log(message, progress=False):
-        """progress lines overwrite each other on a terminal, and are left out of logs"""
-        if not args.quiet and (not progress or sys.stdout.isatty()):
-            print(message, end="\r" if progress else "\n", flush=True)
-
+    log, device = logger(args.quiet), eval_device(args.device)
     t_start, timings = time.time(), {}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     run = Path(args.run)
 
     paths, vqgan, stage_b_model, prior, enc_b, enc_c = load_models(args, run, device)
@@ -1128,17 +1151,8 @@ def main(argv=None):
     }
     out = Path(args.json) if args.json else \
         (Path("runs/eval_shipped.json") if run.resolve() == SHIPPED else run / "eval.json")   # not into weights/
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # what the numbers are about, for the first prompts: real, Stage A, Stage A+B, then the k generated images
-    shown = min(n, 12)
-    generated_rows = [] if prior is None else [generated[j::k][:shown] for j in range(k)]
-    save_grid([real[:shown], recon[:shown], decoded[:shown]] + generated_rows, out.with_suffix(".png"))
-    results["grid"] = {"path": str(out.with_suffix(".png")), "captions": captions[:shown],
-                       "rows": ["real", "Stage A", "Stage A+B from the semantic latent"] +
-                               [f"generated {j + 1}" for j in range(len(generated_rows))]}
-    out.write_text(json.dumps(results, indent=1))
-    log(f"\nresults: {out}, images of the first {shown} prompts: {out.with_suffix('.png')} "
-        f"({time.time() - t_start:.0f} s)")
+    save_results(out, results, [real, recon, decoded], None if prior is None else generated, k, captions, log,
+                 t_start)
     return results
 
 

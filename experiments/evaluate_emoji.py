@@ -54,8 +54,9 @@ from checkpoints import SHIPPED_EMOJI
 from cli import guidance_value, positive_int
 from data import SKIN_TONES, draw_emoji, emoji_caption, emoji_catalogue, emoji_held_out, emoji_view, to_tensor
 from experiments.evaluate import (augment, batched, bootstrap_counts, bootstrap_mean, decode_semantic, derange,
-                                  frechet_features, generate_images, kid, load_models)
-from sample import encode_prompts, save_grid, valid_side
+                                  eval_device, frechet_features, generate_images, kid, load_models, logger,
+                                  save_results)
+from sample import encode_prompts, valid_side
 from schedule import STAGE_B_STEPS, linear_timesteps
 
 EVAL_SEED = 1_000_003            # prompts and their real renders
@@ -390,12 +391,8 @@ def main(argv=None):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    def log(message, progress=False):
-        if not args.quiet and (not progress or sys.stdout.isatty()):
-            print(message, end="\r" if progress else "\n", flush=True)
-
+    log, device = logger(args.quiet), eval_device(args.device)
     t_start, timings = time.time(), {}
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     run = Path(args.run)
     paths, vqgan, stage_b_model, prior, enc_b, enc_c = load_models(args, run, device)
     decoder, compressor = stage_b_model.decoder, stage_b_model.compressor
@@ -515,16 +512,8 @@ def main(argv=None):
                "timings_s": {key: round(v, 1) for key, v in timings.items()} | {"total": round(time.time() - t_start, 1)}}
     shipped = run.resolve() == SHIPPED_EMOJI
     out = Path(args.json) if args.json else (Path("runs/eval_emoji_shipped.json") if shipped else run / "eval_emoji.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shown = min(n, 12)
-    generated_rows = [] if prior is None else [generated[j::k][:shown] for j in range(k)]
-    save_grid([real[:shown], recon[:shown], decoded[:shown]] + generated_rows, out.with_suffix(".png"))
-    results["grid"] = {"path": str(out.with_suffix(".png")), "captions": captions[:shown],
-                       "rows": ["real", "Stage A", "Stage A+B from the semantic latent"] +
-                               [f"generated {j + 1}" for j in range(len(generated_rows))]}
-    out.write_text(json.dumps(results, indent=1))
-    log(f"\nresults: {out}, images of the first {shown} prompts: {out.with_suffix('.png')} "
-        f"({time.time() - t_start:.0f} s)")
+    save_results(out, results, [real, recon, decoded], None if prior is None else generated, k, captions, log,
+                 t_start)
     return results
 
 
