@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder, with_saved_fields
 from schedule import add_noise, p2_weight, sample_t, timestep_embedding
 
 
@@ -205,6 +206,7 @@ class Prior(nn.Module):
             self.blocks.append(AttnBlock(cfg.c, cfg.c, cfg.nhead, cfg.dropout))
         # The head ("out" in the release) predicts (a, b) with 16 channels each.
         self.out = nn.Sequential(LayerNorm2d(cfg.c), nn.Conv2d(cfg.c, cfg.c_in * 2, kernel_size=1))
+        self.grad_checkpoint = False      # train.py --grad-checkpoint: recompute each block triple in backward
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -238,19 +240,25 @@ class Prior(nn.Module):
         """x: (B, 16, h, w) noised latent, t: (B,) in [0, 1], text: (B, L, c_cond) caption tokens, or instead
         `text_kv` from `condition`. Returns ε̂: (B, 16, h, w)."""
         t_emb = timestep_embedding(t, self.config.c_r)                   # (B, c_r)
-        text_kv = iter(self.condition(text)["text_kv"] if text_kv is None else text_kv)
+        text_kv = self.condition(text)["text_kv"] if text_kv is None else text_kv
         h = self.projection(x)                                            # (B, c, h, w)
-        for block in self.blocks:
-            if isinstance(block, AttnBlock):
-                h = block(h, next(text_kv))
-            elif isinstance(block, TimestepBlock):
-                h = block(h, t_emb)
+        for i, kv in enumerate(text_kv):                                  # the [ResBlock, TimestepBlock, AttnBlock]s
+            if self.grad_checkpoint and torch.is_grad_enabled():
+                # Keep only each triple's input for the backward pass and recompute the rest there: activation
+                # memory falls from all 3·depth blocks' to one triple's, for about one more forward pass of time.
+                # Dropout draws again the same numbers (the RNG state is kept), so gradients are unchanged.
+                h = torch.utils.checkpoint.checkpoint(self.triple, i, h, t_emb, kv, use_reentrant=False)
             else:
-                h = block(h)
+                h = self.triple(i, h, t_emb, kv)
         a, b = self.out(h).chunk(2, dim=1)                                # 2 × (B, 16, h, w)
         # The released head: x_t ≈ a + |1 − b|·ε, so ε̂ = (x_t − a)/|1 − b|. It is x0-like (a is a denoised guess),
         # which learns far faster than a plain ε head at small scale. 1e-5 keeps the division finite.
         return (x - a) / ((1 - b).abs() + 1e-5)
+
+    def triple(self, i: int, h, t_emb, kv):
+        """The i-th [ResBlock, TimestepBlock, AttnBlock] of the stack."""
+        res, film, attn = self.blocks[3 * i: 3 * i + 3]
+        return attn(film(res(h), t_emb), kv)
 
     def to_prior_space(self, semantic: torch.Tensor) -> torch.Tensor:
         """Semantic latent z → the space Stage C denoises: (z + shift) / scale (released: (z + 1) / 42)."""
@@ -311,7 +319,8 @@ def load_pretrained(path, device="cpu") -> Prior:
     if path.is_dir():
         raw, state = read_diffusers_folder(path)
         names = {f.name for f in fields(StageCConfig)}
-        config = StageCConfig(**{k: v for k, v in raw.items() if k in names})
+        config = with_saved_fields(StageCConfig(**{k: v for k, v in raw.items() if k in names}), raw,
+                                   ("semantic_shift", "semantic_scale", "text_conv"))
     else:
         ckpt = read_checkpoint(path)
         if "ema_state_dict" not in ckpt and "state_dict" not in ckpt:
