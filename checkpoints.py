@@ -81,6 +81,19 @@ def read_diffusers_folder(folder: Path) -> tuple[dict, dict]:
     return config, state
 
 
+def with_saved_fields(config, raw: dict, ours: tuple):
+    """`config` (read from a diffusers config.json) with the fields diffusers' class has no place for, where
+    scripts/export_diffusers.py recorded them under `_wuerstchen` (diffusers skips keys that start with `_`)."""
+    saved = raw.get("_wuerstchen")
+    if not isinstance(saved, dict):
+        return config
+    import dataclasses
+    try:
+        return dataclasses.replace(config, **{k: as_tuples(v) for k, v in saved.items() if k in ours})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: its _wuerstchen fields do not build a config ({first_line(e)})") from None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Strict loading
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +261,10 @@ def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
     if path.is_file() and path.suffix == ".pt":
         ckpt = read_checkpoint(path)
         if "stage" in ckpt and "config" in ckpt:                          # written by train.py
+            if ckpt.get("lora"):
+                raise CheckpointError(f"checkpoint {path} holds the LoRA adapters of a --lora-rank run only; "
+                                      f"expected its base ({ckpt.get('init')}) with --lora "
+                                      f"{path.parent / 'stage_c_lora.safetensors'}")
             if not isinstance(ckpt.get(weights), dict) or not isinstance(ckpt["config"], dict):
                 raise CheckpointError(f"checkpoint {path}: a train.py checkpoint without its '{weights}' weights "
                                       f"or config; expected both (damaged or edited by hand?)")

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import lora
 import stage_a
 import stage_b
 import stage_c
@@ -147,6 +148,19 @@ def parse_args(argv=None):
                    help="auto: bf16 autocast on a capable GPU, fp32 on CPU; fp16 needs asking for")
     p.add_argument("--no-adversarial", action="store_true", help="stage a: never switch on the GAN term")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs still go to the JSONL file)")
+    tune = p.add_argument_group("fine-tuning (docs/finetune.md)")
+    tune.add_argument("--init", default=None, metavar="PATH",
+                      help="stages b, c: start from these weights (a train.py checkpoint's EMA, an exported\n"
+                           ".safetensors, the official .pt or, for stage c, a diffusers folder); the model\n"
+                           "config comes from them, the optimizer starts fresh and the EMA as a copy")
+    tune.add_argument("--grad-checkpoint", action="store_true",
+                      help="stage c: recompute each block in the backward pass (less memory, ~1.3× time)")
+    tune.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                      help="stage c with --init: train rank-R adapters only (lora.py); 0: the whole model")
+    tune.add_argument("--lora-alpha", type=float, default=None, help="LoRA α: the change is scaled by α/R "
+                      "(default R)")
+    tune.add_argument("--lora-targets", choices=["attention", "linear"], default="attention",
+                      help="attention: to_q, to_k, to_v, to_out.0 (diffusers' example); linear: every Linear")
     known, _ = p.parse_known_args(argv)
     model_defaults = STAGES[known.stage].PRESETS[known.preset]
     train_defaults = TRAIN_PRESETS[known.preset][known.stage]
@@ -176,6 +190,17 @@ def parse_args(argv=None):
         p.error(f"--seed {args.seed}: expected an integer from 0 to 2^32 − 1")
     if args.text_length <= 0:
         p.error(f"--text-length {args.text_length}: expected a positive integer")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank {args.lora_rank}: expected a positive integer (or 0: no LoRA)")
+    if args.lora_rank and (args.stage != "c" or not (args.init or args.resume)):
+        p.error(f"--lora-rank {args.lora_rank}: expected --stage c with --init PATH (adapters adapt trained weights)")
+    if args.lora_alpha is not None and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        p.error(f"--lora-alpha {args.lora_alpha}: expected a positive number")
+    if args.init and args.stage == "a":
+        p.error("--init: expected --stage b or c (Stage A trains from scratch in minutes)")
+    if args.grad_checkpoint and args.stage != "c":
+        p.error(f"--grad-checkpoint: expected --stage c (the prior's blocks), got --stage {args.stage}")
+    args.model_flags = given(model_dests)         # --init checks these against the config of its weights
     return args, model_cfg, train_cfg
 
 
@@ -240,8 +265,18 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: TrainConfig):
-    """The released scheme: a plain copy until ema_start, then every ema_every steps ema ← β·ema + (1 − β)·model."""
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: TrainConfig, keys=None):
+    """The released scheme: a plain copy until ema_start, then every ema_every steps ema ← β·ema + (1 − β)·model.
+    `keys`: only these state-dict entries (a LoRA run's adapters: the frozen base would only be copied onto itself,
+    1B numbers a step for the released prior)."""
+    if keys is not None:
+        e_state, m_state = ema.state_dict(), model.state_dict()
+        for k in keys:
+            if step < cfg.ema_start:
+                e_state[k].copy_(m_state[k])
+            elif step % cfg.ema_every == 0:
+                e_state[k].lerp_(m_state[k], 1 - cfg.ema_beta)
+        return
     if step < cfg.ema_start:
         ema.load_state_dict(model.state_dict())
     elif step % cfg.ema_every == 0:
@@ -496,6 +531,45 @@ def print_start(args, task, model, cfg, train_cfg, device, precision, world, ste
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning: --init and --lora-rank (docs/finetune.md)
+# ----------------------------------------------------------------------------------------------------------------
+TUNABLE = {"dropout"}     # the model fields a flag may change on top of --init's weights: regularisation, not shape
+
+
+def load_init(stage: str, path, flags: dict) -> tuple:
+    """(model config, state dict) of the weights a run starts from. The config is theirs: a model flag that says
+    otherwise is one line, except dropout, which a fine-tune may change."""
+    path = Path(path)
+    if stage == "b" and path.is_dir():
+        raise ValueError(f"--init {path}: a diffusers decoder folder holds no semantic compressor, which Stage B "
+                         f"trains with; expected the official model_v2_stage_b.pt, a train.py checkpoint or an "
+                         f"exported .safetensors")
+    model = load_stage(stage, path)
+    cfg = model.config
+    for name, value in flags.items():
+        if name not in TUNABLE and getattr(cfg, name) != value:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: --init {path} has {name}={getattr(cfg, name)}; "
+                             f"drop the flag (the model config comes from the weights)")
+    return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in TUNABLE}), model.state_dict()
+
+
+def lora_settings(args, resume: dict | None) -> dict | None:
+    """The adapters of this run: from the flags, or, resuming, from the checkpoint (a flag that differs is one
+    line)."""
+    asked = {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank), "targets": args.lora_targets}
+    if resume is None:
+        return asked if args.lora_rank else None
+    saved = resume.get("lora")
+    if args.lora_rank and saved is None:
+        raise SystemExit(f"error: --resume --lora-rank {args.lora_rank}: the run in {args.out} trained the whole "
+                         f"model; drop --lora-rank")
+    if saved is not None and args.lora_rank and args.lora_rank != saved["rank"]:
+        raise SystemExit(f"error: --lora-rank {args.lora_rank}: the run in {args.out} trains rank "
+                         f"{saved['rank']} adapters; expected --lora-rank {saved['rank']} or none")
+    return saved
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
 def main(argv=None):
@@ -511,21 +585,39 @@ def main(argv=None):
         resume, model_cfg, saved = read_for_resume(ckpt_path, args.stage, TrainConfig)
         cfg = dataclasses.replace(saved, steps=cfg.steps,
                                   **({"lr_decay": cfg.lr_decay} if args.field_lr_decay is not None else {}))
+    lora_cfg = lora_settings(args, resume)
+    # The weights to start from: --init's; resuming a LoRA run, its base again (its checkpoint holds the adapters).
+    init_path = args.init if resume is None else (resume.get("init") if lora_cfg else None)
+    init_state = None
+    if init_path is not None:
+        init_cfg, init_state = one_line(load_init, args.stage, init_path, {} if resume else args.model_flags)
+        model_cfg = model_cfg if resume else init_cfg
     torch.manual_seed(args.seed)
     batches = one_line(Batches, args.data, args.seed, cfg, rank, world)
     task = one_line(TASKS[args.stage], args, model_cfg, cfg, device, out, batches)
     model, disc = task.model, task.disc
-    if resume is None:
+    if init_state is not None:
+        model.load_state_dict(init_state)                 # the config is the weights' own, so every key fits
+        del init_state
+    elif resume is None:
         task.prepare(batches, device)                                     # before DDP copies rank 0's weights
+    if args.stage == "c":
+        model.grad_checkpoint = args.grad_checkpoint
+    lora_keys = None
+    if lora_cfg is not None:              # the base freezes; only the adapters train, and only they are saved
+        lora.add_lora(model, lora.target_names(model, lora_cfg["targets"]), lora_cfg["rank"], lora_cfg["alpha"])
+        lora_keys = [k for k, p in model.named_parameters() if p.requires_grad]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     for frozen in task.frozen:
         frozen.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad] if lora_keys else model.parameters()
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr) if disc is not None else None
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")    # a no-op unless fp16
     meta = {"stage": args.stage, "config": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(cfg),
-            "text_encoder": args.text_encoder, "text_length": args.text_length}
-    saver = Checkpointer(ckpt_path, meta, model, ema, opt, scaler, disc, disc_opt, rank, world, device)
+            "text_encoder": args.text_encoder, "text_length": args.text_length,
+            **({"init": str(init_path)} if init_path else {}), **({"lora": lora_cfg} if lora_cfg else {})}
+    saver = Checkpointer(ckpt_path, meta, model, ema, opt, scaler, disc, disc_opt, rank, world, device, lora_keys)
     step, skipped = saver.restore(resume) if resume is not None else (0, 0)
     loss_module = wrap_for_ddp(LossModule(model), world, device)
     if rank == 0:
@@ -558,7 +650,7 @@ def main(argv=None):
             opt.zero_grad(set_to_none=True)
             if disc is not None and step >= model_cfg.adversarial_start:
                 logged["disc"] = discriminator_step(disc, disc_opt, images, parts["recon"], autocast, world)
-            update_ema(ema, model, step + 1, cfg)
+            update_ema(ema, model, step + 1, cfg, lora_keys)
             guard.passed()
         else:                                                             # skip the step, keep the weights
             opt.zero_grad(set_to_none=True)
@@ -568,6 +660,8 @@ def main(argv=None):
         progress.step(step, loss, logged, grad_norm, learning_rate(step - 1, cfg), skipped)
         if step % cfg.save_every == 0 or step == cfg.steps:               # a skipped step may be one to save at
             saver.save(step, skipped)
+            if lora_cfg is not None and rank == 0:                        # what sample.py --lora applies
+                lora.save_lora(ema, out / "stage_c_lora.safetensors")
         if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
             progress.grid(task, ema, batches, step, device)
     progress.close()

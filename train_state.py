@@ -89,8 +89,9 @@ class Checkpointer:
     forever. `saved_step` is the step of the last checkpoint this run wrote or resumed from (None: none yet)."""
 
     def __init__(self, path: Path, meta: dict, model, ema, opt, scaler, disc, disc_opt, rank: int, world: int,
-                 device):
+                 device, keys=None):
         self.path, self.meta, self.rank, self.world, self.device = path, meta, rank, world, device
+        self.keys = keys              # a LoRA run's adapters: the only weights it changes, and so saves
         self.model, self.ema, self.opt, self.scaler, self.disc, self.disc_opt = model, ema, opt, scaler, disc, disc_opt
         self.saved_step = None
 
@@ -98,8 +99,14 @@ class Checkpointer:
         """Load a checkpoint read by read_for_resume into the live objects; returns (step, skipped)."""
         stage = self.meta["stage"]
         try:                              # the config came from the same file, so a mismatch means damage
-            load_strict(self.model, ckpt["model"], f"stage {stage.upper()} (model weights)", self.path)
-            load_strict(self.ema, ckpt["ema"], f"stage {stage.upper()} (EMA weights)", self.path)
+            for module, key in ((self.model, "model"), (self.ema, "ema")):
+                if self.keys is None:
+                    load_strict(module, ckpt[key], f"stage {stage.upper()} ({key} weights)", self.path)
+                elif sorted(ckpt[key]) != sorted(self.keys):
+                    raise ValueError(f"its {key} adapters are not this run's ({len(ckpt[key])} tensors, "
+                                     f"expected {len(self.keys)})")
+                else:
+                    module.load_state_dict(ckpt[key], strict=False)
             self.opt.load_state_dict(ckpt["optimizer"])
             if self.disc_opt is not None:
                 self.disc.load_state_dict(ckpt["discriminator"])
@@ -120,12 +127,16 @@ class Checkpointer:
 
     def state(self, step: int, skipped: int) -> dict:
         return {"stage": self.meta["stage"], "step": step, "skipped": skipped, **self.meta,   # the earlier order
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "model": self.weights(self.model), "ema": self.weights(self.ema), "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 **({"discriminator": self.disc.state_dict(), "disc_optimizer": self.disc_opt.state_dict()}
                    if self.disc_opt is not None else {}),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}}
+
+    def weights(self, module) -> dict:
+        state = module.state_dict()
+        return state if self.keys is None else {k: state[k] for k in self.keys}
 
     def save(self, step: int, skipped: int):
         """Write the checkpoint of `step`, or stop every rank with one line that says what is left."""
