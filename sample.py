@@ -127,6 +127,20 @@ def save_grid(rows: list[torch.Tensor], path, pad: int = 2):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def lora_value(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE; a path that itself holds ':' is read as FILE if it exists."""
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).exists():
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FILE or FILE:SCALE with a number for SCALE") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite SCALE")
+    return path, value
+
+
 def parse_args(argv=None):
     p = OneLineParser(description="Text → image with Würstchen's three stages.",
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[0])
@@ -142,6 +156,9 @@ def parse_args(argv=None):
     p.add_argument("--stage-a", help="Stage A checkpoint: train.py .pt, vqgan_f4_v1_500k.pt or a diffusers vqgan/")
     p.add_argument("--stage-b", help="Stage B checkpoint: train.py .pt, model_v2_stage_b.pt or a diffusers decoder/")
     p.add_argument("--stage-c", help="Stage C checkpoint: train.py .pt, model_v3_stage_c.pt or a diffusers prior/")
+    p.add_argument("--lora", type=lora_value, default=None, metavar="FILE[:SCALE]",
+                   help="apply a Stage C LoRA (train.py --lora-rank, or diffusers' layout), merged, scaled by SCALE\n"
+                        "(default 1)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of train.py checkpoints")
     p.add_argument("--text-encoder-c", help="Stage C's text encoder: 'minilm' or a local CLIP folder "
                                             "(default: what the checkpoint was trained with)")
@@ -196,6 +213,9 @@ def main(argv=None):
     try:                                    # checkpoint and text-encoder errors are one line, never a traceback
         paths = run_paths(run, {s: getattr(args, f"stage_{s}") for s in "abc"})
         vqgan, stage_b_model, prior = (load_stage(s, paths[s], device, args.weights) for s in "abc")
+        if args.lora:
+            import lora
+            lora.apply_lora(prior, args.lora[0], scale=args.lora[1])      # merged: sampling costs what it did
         enc_c = text_encoder(args.text_encoder_c, prior)
         enc_b = text_encoder(args.text_encoder_b, stage_b_model)
     except ValueError as e:

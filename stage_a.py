@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder, with_saved_fields
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +255,9 @@ def load_pretrained(path, device="cpu") -> StageA:
     path = Path(path)
     if path.is_dir():
         raw, state = read_diffusers_folder(path)
-        config = config_from_diffusers(raw)
+        config = with_saved_fields(config_from_diffusers(raw), raw, ("commitment", "adversarial_weight",
+                                                                     "adversarial_start", "disc_c_hidden",
+                                                                     "disc_depth"))
     else:
         ckpt = read_checkpoint(path)
         if "state_dict" not in ckpt:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder
+from checkpoints import CheckpointError, load_strict, read_checkpoint, read_diffusers_folder, with_saved_fields
 from schedule import add_noise, p2_weight, sample_t, timestep_embedding
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -512,6 +512,8 @@ def load_pretrained(path, compressor_path=None, device="cpu") -> StageB:
     if path.is_dir():
         raw, state = read_diffusers_folder(path)
         config, effnet_state = config_from_diffusers(raw), None
+        config = with_saved_fields(config, raw, ("effnet_stem", "effnet_stages", "effnet_width", "effnet_resize",
+                                                 "effnet_drop_path", "resolution_multiple", "latent_dim_scale"))
     else:
         ckpt = read_checkpoint(path)
         if "state_dict" not in ckpt:
