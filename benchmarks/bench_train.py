@@ -49,7 +49,7 @@ def peak_tflops(device, given: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def stage_inputs(stage: str, preset: str, batch: int, side: int, device):
+def stage_inputs(stage: str, preset: str, batch: int, side: int, device, tokens: int = 77):
     """(model, loss closure) for one stage with random inputs of train.py's shapes."""
     cfg_a, cfg_b, cfg_c = (m.PRESETS[preset] for m in (stage_a, stage_b, stage_c))
     paper = preset == "paper"                     # the released text widths: CLIP ViT-H for B, ViT-bigG for C
@@ -64,11 +64,11 @@ def stage_inputs(stage: str, preset: str, batch: int, side: int, device):
     if stage == "b":
         model = stage_b.StageB(cfg_b)
         images, latents = rand(batch, 3, side, side, uniform=True), rand(batch, cfg_b.c_in, side // 4, side // 4)
-        text = rand(batch, 77, cfg_b.c_text if paper else 384)
+        text = rand(batch, tokens, cfg_b.c_text if paper else 384)
         return model, lambda: model.loss(latents, images, text, text[:1])
     h = math.ceil(round(side * cfg_b.effnet_resize) / cfg_b.effnet_stride)   # the compressor's latent side
     model = stage_c.Prior(cfg_c)
-    semantic, text = rand(batch, cfg_c.c_in, h, h), rand(batch, 77, cfg_c.c_cond if paper else 384)
+    semantic, text = rand(batch, cfg_c.c_in, h, h), rand(batch, tokens, cfg_c.c_cond if paper else 384)
     return model, lambda: model.loss(semantic, text, text[:1])
 
 
@@ -78,7 +78,7 @@ def bench_stage(stage: str, preset: str, args, device, autocast) -> dict:
     side = train_cfg.image_size
     row = {"preset": preset, "stage": stage.upper(), "batch": batch, "side": side}
     with torch.device(device) if device.type == "cuda" else nullcontext():   # initialised where it trains
-        model, loss_fn = stage_inputs(stage, preset, batch, side, device)
+        model, loss_fn = stage_inputs(stage, preset, batch, side, device, args.text_length)
     model.to(device).train()
     row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -159,6 +159,7 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="abc", help="which stages, e.g. 'bc'")
     for s in "abc":
         p.add_argument(f"--batch-{s}", type=int, default=None, help=f"Stage {s.upper()} batch (default: train.py's)")
+    p.add_argument("--text-length", type=int, default=77, help="text tokens per caption (train.py: 32, emoji 24)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as train.py")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
