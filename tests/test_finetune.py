@@ -96,14 +96,14 @@ def first_losses(out) -> dict:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "stage_c.log.jsonl").read_text().splitlines())}
 
 
-def loss_of(path: str, argv: list) -> float:
+def loss_of(path: str, argv: list, stage: str = "c") -> float:
     """The loss that train.py's first step computes, for the model loaded from `path`: the same batch, frozen
     features and noise (train.main's set-up, by hand)."""
     args, model_cfg, cfg = train.parse_args(argv)
     torch.manual_seed(args.seed)
     batches = train.Batches(args.data, args.seed, cfg, 0, 1)
-    task = train.TaskC(args, load_stage("c", path).config, cfg, torch.device("cpu"), train.Path(args.out), batches)
-    model = load_stage("c", path).train()
+    model = load_stage(stage, path).train()
+    task = train.TASKS[stage](args, model.config, cfg, torch.device("cpu"), train.Path(args.out), batches)
     images, captions, indices = batches(0)
     with torch.no_grad():
         loss, _ = task.loss(train.LossModule(model), images, captions, indices,
@@ -126,6 +126,18 @@ def test_init_starts_from_the_loaded_model(kind, tmp_path, run_folder, paper_is_
     assert ckpt["config"] == dict(vars(STAND_IN)) and ckpt["init"] == path
     start = stand_in().state_dict()
     assert any(not torch.equal(ckpt["model"][k], start[k]) for k in start), "the weights did not train"
+
+
+def test_init_stage_b_from_exported_weights(run_folder):
+    """Stage B starts from weights too (here the shipped shapes' own, decoder and compressor)."""
+    (run_folder / "stage_b.safetensors").unlink()                # Stage B is what trains; only A is frozen
+    path = str(SHAPES / "stage_b.safetensors")
+    argv = ["--stage", "b", "--out", str(run_folder), "--init", path, "--steps", "2", *FAST]
+    train.main(argv)
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (run_folder / "stage_b.log.jsonl").read_text().splitlines())}
+    assert logged[1] == pytest.approx(loss_of(path, argv, "b"), rel=1e-6, abs=1e-7)
+    with pytest.raises(SystemExit, match="a diffusers decoder folder holds no semantic compressor"):
+        train.main(argv[:4] + ["--init", str(run_folder)] + argv[6:])
 
 
 def test_init_from_scratch_differs(tmp_path, run_folder, paper_is_stand_in):
