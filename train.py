@@ -264,6 +264,13 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1)) * decay
 
 
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """The EMA copy of `model`, in eval mode. Its frozen parameters (a LoRA run's base) are the model's own tensors,
+    not copies: they never change, and a copy of the released prior would cost 4 GB more in fp32."""
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    return copy.deepcopy(model, frozen).eval().requires_grad_(False)   # deepcopy returns memo's entries as they are
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, step: int, cfg: TrainConfig, keys=None):
     """The released scheme: a plain copy until ema_start, then every ema_every steps ema ← β·ema + (1 − β)·model.
@@ -607,7 +614,7 @@ def main(argv=None):
     if lora_cfg is not None:              # the base freezes; only the adapters train, and only they are saved
         lora.add_lora(model, lora.target_names(model, lora_cfg["targets"]), lora_cfg["rank"], lora_cfg["alpha"])
         lora_keys = [k for k, p in model.named_parameters() if p.requires_grad]
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = make_ema(model)
     for frozen in task.frozen:
         frozen.eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad] if lora_keys else model.parameters()

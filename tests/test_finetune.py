@@ -296,6 +296,17 @@ def test_lora_run_trains_only_the_adapters(tmp_path, run_folder, paper_is_stand_
         train.main(["--stage", "c", "--out", str(again), "--lora-rank", "3", "--resume", "--steps", "5", *FAST])
 
 
+def test_lora_ema_shares_the_frozen_base():
+    """A LoRA run's EMA holds its own adapters but the model's frozen base, not a second copy of the prior."""
+    prior = adapted()
+    ema = train.make_ema(prior)
+    pairs = list(zip(prior.named_parameters(), ema.parameters()))
+    assert all((e is p) == (".lora_" not in name) for (name, p), e in pairs)
+    assert all(torch.equal(e, p) for (_, p), e in pairs) and not any(e.requires_grad for e in ema.parameters())
+    plain = stand_in().train()
+    assert not any(e is p for e, p in zip(train.make_ema(plain).parameters(), plain.parameters()))
+
+
 def test_lora_needs_stage_c_and_init(run_folder, capsys):
     with pytest.raises(SystemExit):
         train.main(["--stage", "c", "--out", str(run_folder), "--lora-rank", "4"])
