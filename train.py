@@ -140,6 +140,9 @@ def parse_args(argv=None):
     p.add_argument("--stage-b", default=None, help="Stage B checkpoint (stage c; default OUT/stage_b.pt)")
     p.add_argument("--text-encoder", default="minilm",
                    help="'minilm' (offline all-MiniLM-L6-v2) or a local CLIP folder (stages b, c)")
+    p.add_argument("--text-encoder-b", default=None,
+                   help="stage c: Stage B's own text encoder, for the sample grids (default: --text-encoder;\n"
+                        "the released decoder reads CLIP ViT-H's tokens, its prior ViT-bigG's)")
     p.add_argument("--text-length", type=int, default=32, help="text tokens per caption (CLIP uses 77)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/stage_X.pt exactly where it stopped")
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and noise")
@@ -198,6 +201,8 @@ def parse_args(argv=None):
         p.error(f"--lora-alpha {args.lora_alpha}: expected a positive number")
     if args.init and args.stage == "a":
         p.error("--init: expected --stage b or c (Stage A trains from scratch in minutes)")
+    if args.text_encoder_b and args.stage != "c":
+        p.error(f"--text-encoder-b: expected --stage c (its sample grids), got --stage {args.stage}")
     if args.grad_checkpoint and args.stage != "c":
         p.error(f"--grad-checkpoint: expected --stage c (the prior's blocks), got --stage {args.stage}")
     args.model_flags = given(model_dests)         # --init checks these against the config of its weights
@@ -384,9 +389,9 @@ def load_frozen(stage: str, given, out: Path, device):
     return load_stage(stage, path, device)
 
 
-def load_text_encoder(args, width: int, flag: str, device):
+def load_text_encoder(args, width: int, flag: str, device, spec: str | None = None):
     from text import TextEncoder          # imports transformers (5 s): only stages b and c need it
-    encoder = TextEncoder.from_name_or_path(args.text_encoder, max_length=args.text_length).to(device)
+    encoder = TextEncoder.from_name_or_path(spec or args.text_encoder, max_length=args.text_length).to(device)
     if encoder.width != width:
         raise SystemExit(f"error: the text encoder gives {encoder.width}-wide tokens but {flag} is {width}; "
                          f"pass {flag} {encoder.width}")
@@ -494,8 +499,19 @@ class TaskC(Task):
         self.compressor, self.decoder = stage_b_model.compressor, stage_b_model.decoder
         self.text = load_text_encoder(args, cfg.c_cond, "--c-cond", device)
         self.uncond = self.text.encode([""], device)
+        # The sample grids decode through Stage B, which reads captions of its own: the released prior reads CLIP
+        # ViT-bigG's 1280-wide tokens, the released decoder ViT-H's 1024-wide ones.
+        c_text = self.decoder.config.c_text
+        if args.text_encoder_b is None and self.text.width != c_text:
+            raise ValueError(f"the Stage B decoder reads {c_text}-wide caption tokens but --text-encoder "
+                             f"{args.text_encoder} gives {self.text.width}-wide ones; expected --text-encoder-b "
+                             f"FOLDER, Stage B's own (for the released decoder, the CLIP ViT-H of warp-ai/wuerstchen)")
+        self.text_b = (self.text if args.text_encoder_b is None else
+                       load_text_encoder(args, c_text, "Stage B's c_text", device, args.text_encoder_b))
         self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
-        self.frozen, self.device = [self.vqgan, stage_b_model, self.text.model], device
+        self.frozen = [self.vqgan, stage_b_model, self.text.model]
+        self.frozen += [self.text_b.model] if self.text_b is not self.text else []
+        self.device = device
         self.demo_prompts = list(EMOJI_DEMO_PROMPTS if args.data == "emoji" else DEMO_PROMPTS)
         cache = train_cfg.cache_frozen and batches.finite
         self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
@@ -517,7 +533,8 @@ class TaskC(Task):
         """One row: text-to-image samples for the demo prompts."""
         side = images.shape[-1]
         text_c, text_c_uncond = encode_prompts(self.text, self.demo_prompts, self.device)
-        return [generate(ema, self.decoder, self.vqgan, text_c, text_c_uncond, text_c, text_c_uncond, side, side,
+        text_b, text_b_uncond = encode_prompts(self.text_b, self.demo_prompts, self.device)
+        return [generate(ema, self.decoder, self.vqgan, text_c, text_c_uncond, text_b, text_b_uncond, side, side,
                          generator=torch.Generator(self.device).manual_seed(0), device=self.device)]
 
 

@@ -161,6 +161,24 @@ def test_init_bad_input_is_one_line(tmp_path, run_folder, paper_is_stand_in, cap
     assert "expected --stage b or c" in capsys.readouterr().err and e.value.code == 2
 
 
+def test_stage_c_grids_use_stage_b_text_encoder(tmp_path, run_folder):
+    """The released prior and decoder read different CLIP towers (ViT-bigG, ViT-H). Here a 24-wide CLIP drives
+    Stage C and the shapes' Stage B reads MiniLM's 384-wide tokens: without --text-encoder-b the run stops at once in
+    one line; with it, the final sample grid decodes."""
+    from test_text import TEXT_CONFIG, _tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+    clip = tmp_path / "clip"
+    CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).save_pretrained(clip / "text_encoder")
+    _tokenizer(tmp_path).save_pretrained(clip / "tokenizer")
+    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST, "--c-cond", "24",
+            "--text-encoder", str(clip)]
+    with pytest.raises(SystemExit, match="reads 384-wide caption tokens but --text-encoder .* gives 24-wide ones; "
+                                         "expected --text-encoder-b"):
+        train.main(argv)
+    train.main(argv + ["--text-encoder-b", "minilm"])
+    assert (run_folder / "stage_c_000001.png").is_file()
+
+
 def test_grad_checkpoint_gives_the_same_gradients():
     prior = stand_in(config=stage_c.StageCConfig(**{**vars(STAND_IN), "dropout": 0.1})).train()
     x, text = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 384)
