@@ -15,6 +15,8 @@ The file. An adapter is saved in the layout diffusers reads with `WuerstchenPrio
 writes with `save_lora_weights`: safetensors keys `prior.<module>.lora_A.weight` and `prior.<module>.lora_B.weight`,
 and peft's LoraConfig (r, lora_alpha, target_modules) as JSON in the header's `lora_adapter_metadata`, its keys
 prefixed `prior.`. So a LoRA trained here loads in diffusers, and one trained there loads here, without converting.
+Files that diffusers' training scripts write name the two matrices `lora.down` (A) and `lora.up` (B) and carry no
+metadata, so α = r; they are read too.
 """
 import json
 import math
@@ -28,6 +30,10 @@ from checkpoints import CheckpointError, first_line
 PREFIX = "prior."                     # diffusers' WuerstchenPriorPipeline.unet_name, before every key
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers and peft keep the LoraConfig in a safetensors header
 TARGETS = ("attention", "linear")
+# The key endings a LoRA file may use: peft's (what save_lora writes), and diffusers' own names for the same two
+# matrices, which its training scripts write when they pass peft's weights through convert_state_dict_to_diffusers.
+SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B",
+            ".lora.down.weight": "lora_A", ".lora.up.weight": "lora_B"}
 
 
 class LoRALinear(nn.Module):
@@ -196,14 +202,14 @@ def read_lora(path) -> tuple[dict, dict, dict]:
     pairs = {}
     for key, value in tensors.items():
         name = key.removeprefix(PREFIX).removeprefix("base_model.model.")
-        for kind in ("lora_A", "lora_B"):
-            suffix = f".{kind}.weight"
+        for suffix, kind in SUFFIXES.items():
             if name.endswith(suffix):
                 pairs.setdefault(name[:-len(suffix)].removesuffix(".default"), {})[kind] = value
                 break
         else:
             raise CheckpointError(f"LoRA file {path}: key {key!r} is not a LoRA weight; expected "
-                                  f"'{PREFIX}<module>.lora_A.weight' and '.lora_B.weight' keys")
+                                  f"'{PREFIX}<module>.lora_A.weight' and '.lora_B.weight' keys (or diffusers' "
+                                  f"'.lora.down.weight' and '.lora.up.weight')")
     if not pairs:
         raise CheckpointError(f"LoRA file {path}: holds no LoRA weights")
     for name, kinds in pairs.items():

@@ -433,3 +433,18 @@ def test_lora_trades_with_diffusers_both_ways(dw, tmp_path):
     here = lora.apply_lora(stand_in(), tmp_path / "peft")
     with torch.no_grad():
         close(here(x, t, text), theirs(x, t, text), "diffusers' LoRA here")
+    # The way diffusers' LoRA training scripts save: peft's weights renamed to diffusers' lora.down / lora.up keys,
+    # with no metadata (α = r). Here α = r = 2, so the adapter above would act twice as strongly as it does in diffusers.
+    from diffusers.utils import convert_state_dict_to_diffusers
+    dw.WuerstchenPriorPipeline.save_lora_weights(
+        tmp_path / "script", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(theirs)))
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "script" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert any(k.endswith(".lora.down.weight") for k in f.keys())
+    pipe = dw.WuerstchenPriorPipeline(tokenizer=None, text_encoder=None, scheduler=None,
+                                      prior=dw.WuerstchenPrior.from_pretrained(tmp_path / "prior").eval())
+    pipe.load_lora_weights(str(tmp_path / "script"))
+    here = lora.apply_lora(stand_in(), tmp_path / "script")
+    with torch.no_grad():
+        close(here(x, t, text), pipe.prior(x, t, text), "diffusers' script-saved LoRA here")
+        assert (pipe.prior(x, t, text) - theirs(x, t, text)).abs().max() > 1e-4, "α = r should differ from α = 6"
