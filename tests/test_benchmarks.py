@@ -1,6 +1,7 @@
 """The benchmarks run end to end in a minimal CPU mode and write what they claim: a table and JSON whose ratios are
 finite and whose images are the ones diffusers makes (max abs difference below 1e-4), so that a benchmark cannot
 silently time two different computations. In-process (main(argv)), to stay within seconds."""
+import dataclasses
 import json
 import math
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import stage_c
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -50,3 +52,40 @@ def test_bench_train_tiny_reports_every_stage(tmp_path, threads):
         assert math.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
         assert r["gflop_per_sample"] > 0
     assert "| tiny | C | 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_finetune_reports_full_and_lora(tmp_path, threads):
+    import bench_finetune
+    out = tmp_path / "finetune.json"
+    bench_finetune.main(["--depth", "1", "--c", "128", "--side", "256", "--batch", "1", "2", "--steps", "1",
+                         "--warmup", "0", "--threads", str(threads), "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["grad_checkpoint"], r["batch"]) for r in rows] == [
+        (m, c, b) for m in ("full", "lora") for c in (False, True) for b in (1, 2)]
+    full, adapters = rows[0], rows[4]
+    assert adapters["trainable_M"] < full["trainable_M"] / 10 and adapters["state_mib"] < full["state_mib"]
+    assert all(math.isfinite(r["step_ms"]) and r["step_ms"] > 0 for r in rows)
+    assert "| lora | yes | 2 | 16×6×6 |" in out.with_suffix(".md").read_text()
+    # Scaled up to the paper's 32 blocks from depths 1 and 2: the state counted, the activations extrapolated.
+    deeper = tmp_path / "finetune2.json"
+    bench_finetune.main(["--depth", "2", "--c", "128", "--side", "256", "--batch", "1", "2", "--steps", "1",
+                         "--warmup", "0", "--threads", str(threads), "--json", str(deeper)])
+    scaled = tmp_path / "scaled.json"
+    bench_finetune.main(["--scale", str(deeper), str(out), "--json", str(scaled)])
+    big = json.loads(scaled.read_text())["rows"]
+    paper_at_128 = dataclasses.replace(stage_c.PRESETS["paper"], c=128, nhead=2)
+    params = sum(p.numel() for p in stage_c.Prior(paper_at_128).parameters())
+    assert big[0]["state_mib"] == pytest.approx(20 * params / 2 ** 20)       # weights, gradients, AdamW, EMA
+
+    slope = {(a["mode"], a["grad_checkpoint"], a["batch"]): b["saved_mib"] - a["saved_mib"]
+             for a, b in zip(rows, json.loads(deeper.read_text())["rows"])}
+    for r, d1 in zip(big, rows):
+        assert r["peak_mib"] == pytest.approx(r["state_mib"] + r["kept_mib"])
+        extra = slope[r["mode"], False, r["batch"]] if r["grad_checkpoint"] else 0      # the triple recomputed
+        own = slope[r["mode"], r["grad_checkpoint"], r["batch"]]
+        assert r["kept_mib"] == pytest.approx(d1["saved_mib"] + 31 * own + extra)
+    # What backward keeps: less with checkpointing, more with the batch, and less with LoRA (a frozen layer's input
+    # is not needed for its weight's gradient).
+    at = {(r["mode"], r["grad_checkpoint"], r["batch"]): r["saved_mib"] for r in rows}
+    assert at["full", True, 2] < at["full", False, 2] and at["full", False, 1] < at["full", False, 2]
+    assert at["lora", False, 2] < at["full", False, 2]
