@@ -159,7 +159,7 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="abc", help="which stages, e.g. 'bc'")
     for s in "abc":
         p.add_argument(f"--batch-{s}", type=int, default=None, help=f"Stage {s.upper()} batch (default: train.py's)")
-    p.add_argument("--text-length", type=int, default=77, help="text tokens per caption (train.py: 32, emoji 24)")
+    p.add_argument("--text-length", type=int, default=77, help="text tokens per caption (train.py's default: 32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as train.py")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
