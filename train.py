@@ -62,7 +62,7 @@ class TrainConfig:
     ema_beta: float = 0.99       # ... ema = beta·ema + (1 − beta)·model (official: 0.9)
     image_size: int = 64         # training images are this square size
     log_every: int = 25          # JSONL log interval (steps)
-    sample_every: int = 500      # image grid interval (steps); a grid is also written at the end
+    sample_every: int = 500      # image grid interval (steps), and one at the end; 0: no grids
     save_every: int = 250        # checkpoint interval (steps); a checkpoint is also written at the end
     caption_dropout: float = 0.05  # captions replaced by "" so that classifier-free guidance works (official 5%)
     semantic_dropout: float = 0.05  # Stage B: semantic latents replaced by zeros, for the same reason
@@ -77,10 +77,10 @@ class TrainConfig:
         def check(name, ok, expected):
             if not ok:
                 raise ValueError(f"{name} {getattr(self, name)}: expected {expected}")
-        for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every", "sample_every", "save_every",
-                     "ema_every", "max_bad_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "image_size", "log_every", "save_every", "ema_every",
+                     "max_bad_steps"):
             check(name, getattr(self, name) > 0, "a positive integer")
-        for name in ("warmup", "lr_decay", "ema_start", "dataset_size"):
+        for name in ("warmup", "lr_decay", "ema_start", "dataset_size", "sample_every"):
             check(name, getattr(self, name) >= 0, "an integer ≥ 0")
         for name in ("lr", "grad_clip"):
             check(name, math.isfinite(getattr(self, name)) and getattr(self, name) > 0, "a finite number > 0")
@@ -490,28 +490,36 @@ class TaskB(Task):
 class TaskC(Task):
     def __init__(self, args, cfg, train_cfg, device, out: Path, batches: Batches):
         super().__init__(train_cfg)
-        self.vqgan = load_frozen("a", args.stage_a, out, device)
-        stage_b_model = load_frozen("b", args.stage_b, out, device)
+        # The loss needs only Stage B's semantic compressor and the caption encoder. Stage A, the decoder and Stage
+        # B's caption encoder draw the sample grids; with --sample-every 0 they stay off the device (for the released
+        # models 1,427M weights, 5.3 GiB in fp32: docs/finetune.md#memory). The loading order is the one the shipped
+        # weights were trained with: building a model draws from the RNG that then initialises the prior.
+        grids = train_cfg.sample_every > 0
+        self.vqgan = load_frozen("a", args.stage_a, out, device) if grids else None
+        stage_b_model = load_frozen("b", args.stage_b, out, device if grids else "cpu")
         side = train_cfg.image_size
-        if valid_side(side, stage_b_model.decoder.config) != side:   # its sample grids go through the decoder
+        if grids and valid_side(side, stage_b_model.decoder.config) != side:
             raise ValueError(f"--image-size {side}: expected a size the Stage B decoder can make, e.g. "
                              f"{valid_side(side, stage_b_model.decoder.config)}")
-        self.compressor, self.decoder = stage_b_model.compressor, stage_b_model.decoder
+        self.compressor = stage_b_model.compressor.to(device)
+        self.decoder = stage_b_model.decoder if grids else None
         self.text = load_text_encoder(args, cfg.c_cond, "--c-cond", device)
         self.uncond = self.text.encode([""], device)
-        # The sample grids decode through Stage B, which reads captions of its own: the released prior reads CLIP
-        # ViT-bigG's 1280-wide tokens, the released decoder ViT-H's 1024-wide ones.
-        c_text = self.decoder.config.c_text
-        if args.text_encoder_b is None and self.text.width != c_text:
-            raise ValueError(f"the Stage B decoder reads {c_text}-wide caption tokens but --text-encoder "
-                             f"{args.text_encoder} gives {self.text.width}-wide ones; expected --text-encoder-b "
-                             f"FOLDER, Stage B's own (for the released decoder, the CLIP ViT-H of warp-ai/wuerstchen)")
-        self.text_b = (self.text if args.text_encoder_b is None else
-                       load_text_encoder(args, c_text, "Stage B's c_text", device, args.text_encoder_b))
+        self.frozen, self.device = [self.compressor, self.text.model], device
+        if grids:
+            self.frozen += [self.vqgan, self.decoder]
+            # Stage B reads captions of its own: the released prior reads CLIP ViT-bigG's 1280-wide tokens, the
+            # released decoder ViT-H's 1024-wide ones.
+            c_text = self.decoder.config.c_text
+            if args.text_encoder_b is None and self.text.width != c_text:
+                raise ValueError(f"the Stage B decoder reads {c_text}-wide caption tokens but --text-encoder "
+                                 f"{args.text_encoder} gives {self.text.width}-wide ones; expected --text-encoder-b "
+                                 f"FOLDER, Stage B's own (for the released decoder, the CLIP ViT-H of "
+                                 f"warp-ai/wuerstchen)")
+            self.text_b = (self.text if args.text_encoder_b is None else
+                           load_text_encoder(args, c_text, "Stage B's c_text", device, args.text_encoder_b))
+            self.frozen += [self.text_b.model] if self.text_b is not self.text else []
         self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
-        self.frozen = [self.vqgan, stage_b_model, self.text.model]
-        self.frozen += [self.text_b.model] if self.text_b is not self.text else []
-        self.device = device
         self.demo_prompts = list(EMOJI_DEMO_PROMPTS if args.data == "emoji" else DEMO_PROMPTS)
         cache = train_cfg.cache_frozen and batches.finite
         self.semantic = FrozenFeatures(batches, lambda x, c: self.compressor(x.to(device)), cache)
@@ -686,7 +694,7 @@ def main(argv=None):
             saver.save(step, skipped)
             if lora_cfg is not None and rank == 0:                        # what sample.py --lora applies
                 lora.save_lora(ema, out / "stage_c_lora.safetensors")
-        if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+        if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             progress.grid(task, ema, batches, step, device)
     progress.close()
     if rank == 0:

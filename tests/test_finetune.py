@@ -179,6 +179,20 @@ def test_stage_c_grids_use_stage_b_text_encoder(tmp_path, run_folder):
     assert (run_folder / "stage_c_000001.png").is_file()
 
 
+def test_stage_c_without_grids_keeps_only_what_its_loss_needs(tmp_path, run_folder):
+    """--sample-every 0: no grids, and Stage A, the decoder and Stage B's text encoder are not kept."""
+    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST, "--sample-every", "0"]
+    args, model_cfg, cfg = train.parse_args(argv)
+    task = train.TaskC(args, model_cfg, cfg, torch.device("cpu"), run_folder, train.Batches(args.data, 0, cfg, 0, 1))
+    stage_b_model = load_stage("b", SHAPES / "stage_b.safetensors")
+    assert task.decoder is None and task.vqgan is None
+    assert {id(m) for m in task.frozen} == {id(task.compressor), id(task.text.model)}
+    assert torch.equal(task.compressor.state_dict()["backbone.0.0.weight"],
+                       stage_b_model.compressor.state_dict()["backbone.0.0.weight"])
+    train.main(argv)
+    assert (run_folder / "stage_c.pt").is_file() and not list(run_folder.glob("stage_c_*.png"))
+
+
 @pytest.mark.parametrize("with_lora", [False, True])
 def test_grad_checkpoint_gives_the_same_gradients(with_lora):
     """Also with LoRA, where no block's input needs a gradient (the base is frozen up to the first adapter)."""
