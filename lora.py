@@ -176,8 +176,24 @@ def save_lora(model: nn.Module, path):
     tensors, metadata = lora_state(model)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def lora_file(path) -> Path:
+    """The LoRA file at `path`, or the one .safetensors file in the folder at `path` (as save_lora_weights writes)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(f"LoRA folder {path}: expected one .safetensors file, found {len(files)}")
+        path = files[0]
+    if not path.is_file():
+        raise CheckpointError(f"LoRA file {path}: no such file")
+    return path
 
 
 def read_lora(path) -> tuple[dict, dict, dict]:
@@ -185,14 +201,7 @@ def read_lora(path) -> tuple[dict, dict, dict]:
     diffusers' save_lora_weights or peft wrote, with or without the `prior.` prefix). Without metadata, α = r: peft's
     default, and what diffusers assumes for a file that gives no alphas."""
     from safetensors import safe_open
-    path = Path(path)
-    if path.is_dir():                                     # a folder that save_lora_weights wrote
-        files = sorted(path.glob("*.safetensors"))
-        if len(files) != 1:
-            raise CheckpointError(f"LoRA folder {path}: expected one .safetensors file, found {len(files)}")
-        path = files[0]
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path}: no such file")
+    path = lora_file(path)
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
@@ -201,10 +210,11 @@ def read_lora(path) -> tuple[dict, dict, dict]:
         raise CheckpointError(f"LoRA file {path}: not a readable safetensors file ({first_line(e)})") from None
     pairs = {}
     for key, value in tensors.items():
-        name = key.removeprefix(PREFIX).removeprefix("base_model.model.")
+        # peft's own state dicts name the adapter too: "<module>.lora_A.default.weight".
+        name = key.removeprefix(PREFIX).removeprefix("base_model.model.").replace(".default.weight", ".weight")
         for suffix, kind in SUFFIXES.items():
             if name.endswith(suffix):
-                pairs.setdefault(name[:-len(suffix)].removesuffix(".default"), {})[kind] = value
+                pairs.setdefault(name[:-len(suffix)], {})[kind] = value
                 break
         else:
             raise CheckpointError(f"LoRA file {path}: key {key!r} is not a LoRA weight; expected "

@@ -83,7 +83,7 @@ def export_lora(path: Path, to: Path) -> Path:
     weights, ranks, _ = lora.read_lora(path)                     # a damaged or foreign file stops here, in one line
     target = to / "prior_lora" / "pytorch_lora_weights.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, target)
+    shutil.copyfile(lora.lora_file(path), target)                # a folder holds one file, which read_lora read
     print(f"{target}: {len(weights)} adapted layers, rank {max(ranks.values())}")
     return target
 
