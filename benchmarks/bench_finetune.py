@@ -141,9 +141,15 @@ def scale(paths: list[str], cfg) -> list[dict]:
     on the meta device. What backward keeps grows by one block triple per unit of depth, so it is extrapolated
     linearly from the exact counts (saved_mib); a checkpointed row adds the one triple that backward recomputes at a
     time (the slope of the same row without checkpointing). No step times: those need the device."""
-    (d1, run1), (d2, run2) = sorted((r["config"]["depth"], r) for r in (json.loads(Path(f).read_text()) for f in paths))
-    if d1 == d2 or run1["config"]["c"] != run2["config"]["c"] or run1["side"] != run2["side"]:
-        raise SystemExit("error: --scale: expected two runs of one width and side at two depths")
+    runs = sorted((json.loads(Path(f).read_text()) for f in paths), key=lambda r: r["config"]["depth"])
+    (d1, d2), (run1, run2) = [r["config"]["depth"] for r in runs], runs
+
+    def same(r):
+        return r["config"]["c"], r["side"], r["rank"], [(x["mode"], x["grad_checkpoint"], x["batch"]) for x in r["rows"]]
+    if d1 == d2 or same(run1) != same(run2):
+        raise SystemExit(f"error: --scale: runs at depths {d1} and {d2}, width {run1['config']['c']} and "
+                         f"{run2['config']['c']}, side {run1['side']} and {run2['side']}, rank {run1['rank']} and "
+                         f"{run2['rank']}; expected two depths of one width, side, rank and set of rows")
     cfg = dataclasses.replace(cfg, c=run1["config"]["c"], nhead=run1["config"]["nhead"])
     state = {mode: state_mib(build(cfg, mode, run1["rank"], "meta")) for mode in ("full", "lora")}
     def key(r):
@@ -188,11 +194,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="runs/bench/bench_finetune.json")
-    p.add_argument("--scale", nargs=2, metavar="JSON", help="scale two runs at two depths up to the preset's depth")
+    p.add_argument("--scale", nargs=2, metavar="JSON", help="scale two runs at two depths up to the preset's depth\n"
+                   "(or to --depth)")
     args = p.parse_args(argv)
     if args.scale:
         cfg = stage_c.PRESETS[args.preset]
-        rows = scale(args.scale, cfg)
+        rows = scale(args.scale, cfg if args.depth is None else dataclasses.replace(cfg, depth=args.depth))
         text = markdown_table(
             ["train", "grad checkpoint", "batch", "latent", "state MiB", "kept for backward MiB",
              "state + kept MiB"],
