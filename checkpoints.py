@@ -263,8 +263,8 @@ def load_stage(stage: str, path, device="cpu", weights: str = "ema"):
         if "stage" in ckpt and "config" in ckpt:                          # written by train.py
             if ckpt.get("lora"):
                 raise CheckpointError(f"checkpoint {path} holds the LoRA adapters of a --lora-rank run only; "
-                                      f"expected its base ({ckpt.get('init')}) with --lora "
-                                      f"{path.parent / 'stage_c_lora.safetensors'}")
+                                      f"expected its base weights ({ckpt.get('init')}), with the adapters in "
+                                      f"{path.parent / 'stage_c_lora.safetensors'} (sample.py --lora)")
             if not isinstance(ckpt.get(weights), dict) or not isinstance(ckpt["config"], dict):
                 raise CheckpointError(f"checkpoint {path}: a train.py checkpoint without its '{weights}' weights "
                                       f"or config; expected both (damaged or edited by hand?)")

@@ -163,7 +163,7 @@ def parse_args(argv=None):
                       help="stage c with --init: train rank-R adapters only (lora.py); 0: the whole model")
     tune.add_argument("--lora-alpha", type=float, default=None, help="LoRA α: the change is scaled by α/R "
                       "(default R)")
-    tune.add_argument("--lora-targets", choices=["attention", "linear"], default="attention",
+    tune.add_argument("--lora-targets", choices=["attention", "linear"], default=None,
                       help="attention: to_q, to_k, to_v, to_out.0 (diffusers' example); linear: every Linear")
     known, _ = p.parse_known_args(argv)
     model_defaults = STAGES[known.stage].PRESETS[known.preset]
@@ -391,9 +391,17 @@ def load_frozen(stage: str, given, out: Path, device):
 
 
 def load_text_encoder(args, width: int, flag: str, device, spec: str | None = None):
+    """The caption encoder `spec` (default --text-encoder), checked against the `width` the model reads."""
     from text import TextEncoder          # imports transformers (5 s): only stages b and c need it
-    encoder = TextEncoder.from_name_or_path(spec or args.text_encoder, max_length=args.text_length).to(device)
+    spec = spec or args.text_encoder
+    encoder = TextEncoder.from_name_or_path(spec, max_length=args.text_length).to(device)
     if encoder.width != width:
+        if spec != args.text_encoder:
+            raise SystemExit(f"error: --text-encoder-b {spec} gives {encoder.width}-wide tokens; expected the "
+                             f"{width}-wide ones Stage B's decoder reads")
+        if args.init:
+            raise SystemExit(f"error: --text-encoder {spec} gives {encoder.width}-wide tokens but --init "
+                             f"{args.init} reads {width}-wide ones; expected the text encoder it was trained with")
         raise SystemExit(f"error: the text encoder gives {encoder.width}-wide tokens but {flag} is {width}; "
                          f"pass {flag} {encoder.width}")
     return encoder
@@ -493,10 +501,12 @@ class TaskC(Task):
         super().__init__(train_cfg)
         # The loss needs only Stage B's semantic compressor and the caption encoder. Stage A, the decoder and Stage
         # B's caption encoder draw the sample grids; with --sample-every 0 they stay off the device (for the released
-        # models 1,427M weights, 5.3 GiB in fp32: docs/finetune.md#memory). The loading order is the one the shipped
-        # weights were trained with: building a model draws from the RNG that then initialises the prior.
+        # models 1,427M weights, 5.3 GiB in fp32: docs/finetune.md#memory). Stage A is built either way, in the order
+        # the shipped weights were trained with: building a model draws from the RNG that then initialises the
+        # prior, so a run without grids starts from the same weights as one with them.
         grids = train_cfg.sample_every > 0
-        self.vqgan = load_frozen("a", args.stage_a, out, device) if grids else None
+        vqgan = load_frozen("a", args.stage_a, out, device if grids else "cpu")
+        self.vqgan = vqgan if grids else None
         stage_b_model = load_frozen("b", args.stage_b, out, device if grids else "cpu")
         side = train_cfg.image_size
         if grids and valid_side(side, stage_b_model.decoder.config) != side:
@@ -518,7 +528,7 @@ class TaskC(Task):
                                  f"FOLDER, Stage B's own (for the released decoder, the CLIP ViT-H of "
                                  f"warp-ai/wuerstchen)")
             self.text_b = (self.text if args.text_encoder_b is None else
-                           load_text_encoder(args, c_text, "Stage B's c_text", device, args.text_encoder_b))
+                           load_text_encoder(args, c_text, "--text-encoder-b", device, args.text_encoder_b))
             self.frozen += [self.text_b.model] if self.text_b is not self.text else []
         self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
         self.demo_prompts = list(EMOJI_DEMO_PROMPTS if args.data == "emoji" else DEMO_PROMPTS)
@@ -574,9 +584,9 @@ def load_init(stage: str, path, flags: dict) -> tuple:
     otherwise is one line, except dropout, which a fine-tune may change."""
     path = Path(path)
     if stage == "b" and path.is_dir():
-        raise ValueError(f"--init {path}: a diffusers decoder folder holds no semantic compressor, which Stage B "
-                         f"trains with; expected the official model_v2_stage_b.pt, a train.py checkpoint or an "
-                         f"exported .safetensors")
+        raise ValueError(f"--init {path}: a folder, but Stage B starts from a file (a diffusers decoder folder holds "
+                         f"no semantic compressor, which Stage B trains with); expected the official "
+                         f"model_v2_stage_b.pt, a train.py checkpoint or an exported .safetensors")
     model = load_stage(stage, path)
     cfg = model.config
     for name, value in flags.items():
@@ -586,19 +596,51 @@ def load_init(stage: str, path, flags: dict) -> tuple:
     return dataclasses.replace(cfg, **{k: v for k, v in flags.items() if k in TUNABLE}), model.state_dict()
 
 
+def save_adapters(ema, path: Path, step: int):
+    """The adapters as sample.py --lora reads them. The checkpoint, already written, holds them too, so a failed
+    write is a warning and training goes on."""
+    try:
+        lora.save_lora(ema, path)
+    except OSError as e:
+        print(f"warning: cannot write the LoRA file {path} at step {step} ({first_line(e)}); the checkpoint holds "
+              f"the adapters, and training goes on", file=sys.stderr)
+
+
+def init_weights_path(args, resume: dict | None, lora_cfg, ckpt_path: Path) -> str | None:
+    """The weights a run starts from, as an absolute path (a LoRA run resumes from it, wherever it is started):
+    --init's, or, resuming a LoRA run, the one its checkpoint names. Never the run's own checkpoint, which the first
+    save would overwrite."""
+    given = Path(args.init).resolve() if args.init else None
+    if resume is None:
+        if given is not None and given == ckpt_path.resolve():
+            raise ValueError(f"--init {args.init} is this run's own checkpoint, which its first save would overwrite; "
+                             f"expected another --out")
+        return str(given) if given is not None else None
+    saved = resume.get("init") if lora_cfg else None
+    if given is not None and (saved is None or given != Path(saved).resolve()):
+        raise ValueError(f"--init {args.init} with --resume: the run in {args.out} "
+                         + (f"adapts {saved}; expected that or no --init" if saved else
+                            "continues from its own checkpoint; drop --init"))
+    return saved
+
+
 def lora_settings(args, resume: dict | None) -> dict | None:
     """The adapters of this run: from the flags, or, resuming, from the checkpoint (a flag that differs is one
     line)."""
-    asked = {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank), "targets": args.lora_targets}
+    asked = {"rank": args.lora_rank, "alpha": args.lora_alpha or float(args.lora_rank),
+             "targets": args.lora_targets or "attention"}
+    given = {"rank": True, "alpha": args.lora_alpha is not None, "targets": args.lora_targets is not None}
     if resume is None:
         return asked if args.lora_rank else None
     saved = resume.get("lora")
     if args.lora_rank and saved is None:
         raise SystemExit(f"error: --resume --lora-rank {args.lora_rank}: the run in {args.out} trained the whole "
                          f"model; drop --lora-rank")
-    if saved is not None and args.lora_rank and args.lora_rank != saved["rank"]:
-        raise SystemExit(f"error: --lora-rank {args.lora_rank}: the run in {args.out} trains rank "
-                         f"{saved['rank']} adapters; expected --lora-rank {saved['rank']} or none")
+    if saved is not None and args.lora_rank:
+        for key, flag in (("rank", "--lora-rank"), ("alpha", "--lora-alpha"), ("targets", "--lora-targets")):
+            if given[key] and asked[key] != saved[key]:
+                raise SystemExit(f"error: {flag} {asked[key]}: the run in {args.out} trains adapters with "
+                                 f"{key} {saved[key]}; expected {flag} {saved[key]} or none")
     return saved
 
 
@@ -620,7 +662,7 @@ def main(argv=None):
                                   **({"lr_decay": cfg.lr_decay} if args.field_lr_decay is not None else {}))
     lora_cfg = lora_settings(args, resume)
     # The weights to start from: --init's; resuming a LoRA run, its base again (its checkpoint holds the adapters).
-    init_path = args.init if resume is None else (resume.get("init") if lora_cfg else None)
+    init_path = one_line(init_weights_path, args, resume, lora_cfg, ckpt_path)
     init_state = None
     if init_path is not None:
         init_cfg, init_state = one_line(load_init, args.stage, init_path, {} if resume else args.model_flags)
@@ -694,7 +736,7 @@ def main(argv=None):
         if step % cfg.save_every == 0 or step == cfg.steps:               # a skipped step may be one to save at
             saver.save(step, skipped)
             if lora_cfg is not None and rank == 0:                        # what sample.py --lora applies
-                lora.save_lora(ema, out / "stage_c_lora.safetensors")
+                save_adapters(ema, out / "stage_c_lora.safetensors", step)
         if rank == 0 and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
             progress.grid(task, ema, batches, step, device)
     progress.close()

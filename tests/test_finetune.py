@@ -11,6 +11,7 @@ and depth, as the parity tests use), trained on the shipped shapes Stages A and 
   a LoRA trained here loads with WuerstchenPriorPipeline.load_lora_weights and matches sample.py --lora, and a
   LoRA saved by diffusers/peft loads here and matches.
 """
+import contextlib
 import copy
 import json
 import sys
@@ -44,6 +45,14 @@ TOL = 1e-5
 def stand_in(seed=1, config=STAND_IN) -> stage_c.Prior:
     # The head's weights small, so that |1 − b| stays away from 0 (as the parity tests randomise it).
     return randomize(stage_c.Prior(config), seed=seed, scale=0.1, small=("out.",)).eval()
+
+
+@contextlib.contextmanager
+def raises_one_line(exc, match):
+    """pytest.raises, and the message is one line."""
+    with pytest.raises(exc, match=match) as e:
+        yield
+    assert "\n" not in str(e.value), f"not one line: {e.value}"
 
 
 def official_layout(prior: stage_c.Prior) -> dict:
@@ -86,9 +95,9 @@ def init_weights(kind: str, folder) -> str:
     if kind == "diffusers":
         export_diffusers.export_stage("c", prior, folder / "prior")
         return str(folder / "prior")
-    state = prior.state_dict()
-    torch.save({"stage": "c", "config": dict(vars(STAND_IN)), "model": state, "ema": state, "step": 7},
-               folder / "earlier.pt")
+    # Its raw weights differ from its EMA, which a run starts from.
+    torch.save({"stage": "c", "config": dict(vars(STAND_IN)), "model": stand_in(seed=9).state_dict(),
+                "ema": prior.state_dict(), "step": 7}, folder / "earlier.pt")
     return str(folder / "earlier.pt")
 
 
@@ -136,7 +145,7 @@ def test_init_stage_b_from_exported_weights(run_folder):
     train.main(argv)
     logged = {r["step"]: r["loss"] for r in map(json.loads, (run_folder / "stage_b.log.jsonl").read_text().splitlines())}
     assert logged[1] == pytest.approx(loss_of(path, argv, "b"), rel=1e-6, abs=1e-7)
-    with pytest.raises(SystemExit, match="a diffusers decoder folder holds no semantic compressor"):
+    with pytest.raises(SystemExit, match="a folder, but Stage B starts from a file"):
         train.main(argv[:4] + ["--init", str(run_folder)] + argv[6:])
 
 
@@ -152,9 +161,9 @@ def test_init_from_scratch_differs(tmp_path, run_folder, paper_is_stand_in):
 def test_init_bad_input_is_one_line(tmp_path, run_folder, paper_is_stand_in, capsys):
     path = init_weights("official", tmp_path)
     base = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST]
-    with pytest.raises(SystemExit, match=r"--c 128: --init .* has c=64; drop the flag"):
+    with raises_one_line(SystemExit, r"--c 128: --init .* has c=64; drop the flag"):
         train.main(base + ["--init", path, "--c", "128"])
-    with pytest.raises(SystemExit, match=r"is a stage B checkpoint; expected stage C|expected an 'ema_state_dict'"):
+    with raises_one_line(SystemExit, r"is a stage B checkpoint; expected stage C|expected an 'ema_state_dict'"):
         train.main(base + ["--init", str(SHAPES / "stage_b.safetensors")])
     with pytest.raises(SystemExit) as e:
         train.main(["--stage", "a", "--out", str(run_folder), "--init", path])
@@ -191,6 +200,14 @@ def test_stage_c_without_grids_keeps_only_what_its_loss_needs(tmp_path, run_fold
                        stage_b_model.compressor.state_dict()["backbone.0.0.weight"])
     train.main(argv)
     assert (run_folder / "stage_c.pt").is_file() and not list(run_folder.glob("stage_c_*.png"))
+    # The same seed trains the same weights with grids or without.
+    with_grids = tmp_path / "grids"
+    with_grids.mkdir()
+    for s in "ab":
+        (with_grids / f"stage_{s}.safetensors").write_bytes((run_folder / f"stage_{s}.safetensors").read_bytes())
+    train.main(argv[:3] + [str(with_grids)] + argv[4:-2])
+    a, b = (torch.load(f / "stage_c.pt", weights_only=True)["model"] for f in (run_folder, with_grids))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("with_lora", [False, True])
@@ -281,22 +298,22 @@ def test_lora_bad_files_are_one_line(tmp_path):
     deeper = stand_in(config=stage_c.StageCConfig(**{**vars(STAND_IN), "depth": 3}))
     lora.add_lora(deeper, lora.target_names(deeper), 4, 4.0)
     lora.save_lora(deeper, tmp_path / "deeper.safetensors")
-    with pytest.raises(CheckpointError, match="adapts 4 layers this prior does not have"):
+    with raises_one_line(CheckpointError, "adapts 4 layers this prior does not have"):
         lora.apply_lora(stand_in(), tmp_path / "deeper.safetensors")
     wider = stand_in(config=stage_c.StageCConfig(**{**vars(STAND_IN), "c": 128}))
-    with pytest.raises(CheckpointError, match=r"maps 64 → 64 features but the prior's layer maps 128 → 128"):
+    with raises_one_line(CheckpointError, r"maps 64 → 64 features but the prior's layer maps 128 → 128"):
         lora.apply_lora(wider, tmp_path / "ok.safetensors")
     from safetensors.torch import load_file, save_file
     tensors = load_file(str(tmp_path / "ok.safetensors"))
     save_file(tensors, str(tmp_path / "rank.safetensors"),
               metadata={lora.METADATA_KEY: json.dumps({"prior.r": 8, "prior.lora_alpha": 8})})
-    with pytest.raises(CheckpointError, match="has rank 4 but its metadata says r = 8"):
+    with raises_one_line(CheckpointError, "has rank 4 but its metadata says r = 8"):
         lora.read_lora(tmp_path / "rank.safetensors")
     save_file({**tensors, "prior.blocks.0.depthwise.weight": torch.zeros(1)}, str(tmp_path / "full.safetensors"))
-    with pytest.raises(CheckpointError, match="is not a LoRA weight"):
+    with raises_one_line(CheckpointError, "is not a LoRA weight"):
         lora.read_lora(tmp_path / "full.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    with raises_one_line(CheckpointError, "not a readable safetensors file"):
         lora.read_lora(tmp_path / "junk.safetensors")
 
 
@@ -329,8 +346,20 @@ def test_lora_run_trains_only_the_adapters(tmp_path, run_folder, paper_is_stand_
     train.main(resumed + ["--steps", "2"])
     train.main(resumed + ["--steps", "4", "--resume"])
     assert first_losses(again) == first_losses(run_folder)
-    with pytest.raises(SystemExit, match="trains rank 2 adapters; expected --lora-rank 2"):
+    a, b = (torch.load(f / "stage_c.pt", weights_only=True) for f in (run_folder, again))
+    assert all(torch.equal(a[k][n], b[k][n]) for k in ("model", "ema") for n in a[k])
+    (w1, r1, a1), (w2, r2, a2) = lora.read_lora(file), lora.read_lora(again / "stage_c_lora.safetensors")
+    assert (r1, a1) == (r2, a2) and all(torch.equal(x, y) for n in w1 for x, y in zip(w1[n], w2[n]))
+    with pytest.raises(SystemExit, match="trains adapters with rank 2; expected --lora-rank 2 or none"):
         train.main(["--stage", "c", "--out", str(again), "--lora-rank", "3", "--resume", "--steps", "5", *FAST])
+    with pytest.raises(SystemExit, match="trains adapters with alpha 4.0; expected --lora-alpha 4.0 or none"):
+        train.main(["--stage", "c", "--out", str(again), "--lora-rank", "2", "--lora-alpha", "2", "--resume", *FAST])
+    with pytest.raises(SystemExit, match="with --resume: the run in .* adapts .*; expected that or no --init"):
+        train.main(["--stage", "c", "--out", str(again), "--init", str(SHAPES / "stage_c.safetensors"), "--resume",
+                    *FAST])
+    # A run may not start from its own checkpoint: the first save would overwrite its base.
+    with pytest.raises(SystemExit, match="is this run's own checkpoint, which its first save would overwrite"):
+        train.main(argv[:3] + [str(again), "--init", str(again / "stage_c.pt")] + argv[6:] + ["--steps", "1"])
 
 
 def test_lora_ema_shares_the_frozen_base():
@@ -452,6 +481,8 @@ def test_lora_trades_with_diffusers_both_ways(dw, tmp_path):
     here = lora.apply_lora(stand_in(), tmp_path / "peft")
     with torch.no_grad():
         close(here(x, t, text), theirs(x, t, text), "diffusers' LoRA here")
+    export_diffusers.main(["--lora", str(tmp_path / "peft"), "--to", str(tmp_path / "y")])    # a folder, as written
+    assert lora.read_lora(tmp_path / "y" / "prior_lora")[1] == lora.read_lora(tmp_path / "peft")[1]
     # The way diffusers' LoRA training scripts save: peft's weights renamed to diffusers' lora.down / lora.up keys,
     # with no metadata (α = r). Here α = r = 2, so the adapter above would act twice as strongly as it does in diffusers.
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -467,3 +498,11 @@ def test_lora_trades_with_diffusers_both_ways(dw, tmp_path):
     with torch.no_grad():
         close(here(x, t, text), pipe.prior(x, t, text), "diffusers' script-saved LoRA here")
         assert (pipe.prior(x, t, text) - theirs(x, t, text)).abs().max() > 1e-4, "α = r should differ from α = 6"
+    # peft's raw state dict names the adapter ("lora_A.default.weight"); with no metadata, α = r as above.
+    from safetensors.torch import save_file
+    raw = {k: v.contiguous() for k, v in theirs.state_dict().items() if ".lora_" in k}
+    assert any(".lora_A.default." in k for k in raw)
+    save_file(raw, str(tmp_path / "raw.safetensors"))
+    with torch.no_grad():
+        close(lora.apply_lora(stand_in(), tmp_path / "raw.safetensors")(x, t, text), pipe.prior(x, t, text),
+              "peft's raw keys here")
