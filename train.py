@@ -606,9 +606,9 @@ def save_adapters(ema, path: Path, step: int):
               f"the adapters, and training goes on", file=sys.stderr)
 
 
-def init_weights_path(args, resume: dict | None, lora_cfg, ckpt_path: Path) -> str | None:
-    """The weights a run starts from, as an absolute path (a LoRA run resumes from it, wherever it is started):
-    --init's, or, resuming a LoRA run, the one its checkpoint names. Never the run's own checkpoint, which the first
+def init_weights_path(args, resume: dict | None, ckpt_path: Path) -> str | None:
+    """The weights a run started from, as an absolute path (a LoRA run reloads them when it resumes, wherever it
+    is started): --init's, or, resuming, the one its checkpoint names. Never the run's own checkpoint, which the first
     save would overwrite."""
     given = Path(args.init).resolve() if args.init else None
     if resume is None:
@@ -616,11 +616,10 @@ def init_weights_path(args, resume: dict | None, lora_cfg, ckpt_path: Path) -> s
             raise ValueError(f"--init {args.init} is this run's own checkpoint, which its first save would overwrite; "
                              f"expected another --out")
         return str(given) if given is not None else None
-    saved = resume.get("init") if lora_cfg else None
+    saved = resume.get("init")
     if given is not None and (saved is None or given != Path(saved).resolve()):
-        raise ValueError(f"--init {args.init} with --resume: the run in {args.out} "
-                         + (f"adapts {saved}; expected that or no --init" if saved else
-                            "continues from its own checkpoint; drop --init"))
+        raise ValueError(f"--init {args.init} with --resume: the run in {args.out} started from "
+                         f"{saved or 'scratch'}; expected that or no --init")
     return saved
 
 
@@ -662,10 +661,11 @@ def main(argv=None):
                                   **({"lr_decay": cfg.lr_decay} if args.field_lr_decay is not None else {}))
     lora_cfg = lora_settings(args, resume)
     # The weights to start from: --init's; resuming a LoRA run, its base again (its checkpoint holds the adapters).
-    init_path = one_line(init_weights_path, args, resume, lora_cfg, ckpt_path)
+    init_path = one_line(init_weights_path, args, resume, ckpt_path)
+    load_from = init_path if resume is None or lora_cfg else None     # a resumed full run's checkpoint holds it all
     init_state = None
-    if init_path is not None:
-        init_cfg, init_state = one_line(load_init, args.stage, init_path, {} if resume else args.model_flags)
+    if load_from is not None:
+        init_cfg, init_state = one_line(load_init, args.stage, load_from, {} if resume else args.model_flags)
         model_cfg = model_cfg if resume else init_cfg
     torch.manual_seed(args.seed)
     batches = one_line(Batches, args.data, args.seed, cfg, rank, world)

@@ -135,6 +135,9 @@ def test_init_starts_from_the_loaded_model(kind, tmp_path, run_folder, paper_is_
     assert ckpt["config"] == dict(vars(STAND_IN)) and ckpt["init"] == path
     start = stand_in().state_dict()
     assert any(not torch.equal(ckpt["model"][k], start[k]) for k in start), "the weights did not train"
+    train.main(argv + ["--steps", "4", "--resume"])        # the same command resumes, --init and all
+    ckpt = torch.load(run_folder / "stage_c.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["init"] == path
 
 
 def test_init_stage_b_from_exported_weights(run_folder):
@@ -354,7 +357,7 @@ def test_lora_run_trains_only_the_adapters(tmp_path, run_folder, paper_is_stand_
         train.main(["--stage", "c", "--out", str(again), "--lora-rank", "3", "--resume", "--steps", "5", *FAST])
     with pytest.raises(SystemExit, match="trains adapters with alpha 4.0; expected --lora-alpha 4.0 or none"):
         train.main(["--stage", "c", "--out", str(again), "--lora-rank", "2", "--lora-alpha", "2", "--resume", *FAST])
-    with pytest.raises(SystemExit, match="with --resume: the run in .* adapts .*; expected that or no --init"):
+    with pytest.raises(SystemExit, match="with --resume: the run in .* started from .*; expected that or no --init"):
         train.main(["--stage", "c", "--out", str(again), "--init", str(SHAPES / "stage_c.safetensors"), "--resume",
                     *FAST])
     # A run may not start from its own checkpoint: the first save would overwrite its base.
