@@ -37,7 +37,9 @@ SHAPES = ROOT / "weights" / "shapes"
 # The released prior's architecture, small: MiniLM's 384-wide tokens, so that the shapes' text encoder drives it.
 STAND_IN = stage_c.StageCConfig(c=64, c_cond=384, c_r=32, depth=2, nhead=4, dropout=0.0, semantic_shift=0.0,
                                 semantic_scale=1.0)
-FAST = ["--batch-size", "4", "--log-every", "1", "--save-every", "2", "--sample-every", "1000", "--ema-start", "1",
+# No sample grids (--sample-every 0): decoding one at the end of each run cost more than the run; the tests that
+# check the grids ask for them.
+FAST = ["--batch-size", "4", "--log-every", "1", "--save-every", "2", "--sample-every", "0", "--ema-start", "1",
         "--warmup", "1", "--lr-decay", "0", "--no-progress", "--text-length", "16", "--lr", "1e-3"]
 TOL = 1e-5
 
@@ -182,18 +184,34 @@ def test_stage_c_grids_use_stage_b_text_encoder(tmp_path, run_folder):
     clip = tmp_path / "clip"
     CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).save_pretrained(clip / "text_encoder")
     _tokenizer(tmp_path).save_pretrained(clip / "tokenizer")
-    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST, "--c-cond", "24",
-            "--text-encoder", str(clip)]
+    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST, "--sample-every", "1000",
+            "--c-cond", "24", "--text-encoder", str(clip)]
     with pytest.raises(SystemExit, match="reads 384-wide caption tokens but --text-encoder .* gives 24-wide ones; "
                                          "expected --text-encoder-b"):
         train.main(argv)
+    # Named as --text-encoder-b, an encoder of the wrong width is blamed on that flag, even if it is --text-encoder.
+    with raises_one_line(SystemExit, "--text-encoder-b .* gives 24-wide tokens; expected the 384-wide ones"):
+        train.main(argv + ["--text-encoder-b", str(clip)])
     train.main(argv + ["--text-encoder-b", "minilm"])
     assert (run_folder / "stage_c_000001.png").is_file()
 
 
+def test_stage_c_grids_give_stage_b_its_own_caption_length(run_folder):
+    """Stage B decodes the grids from captions as long as those it was trained on (its checkpoint says 32 tokens),
+    whatever --text-length Stage C reads; at the same length the two share one encoder."""
+    stored = load_stage("b", SHAPES / "stage_b.safetensors").text_encoder_spec[1]
+    for length, shared in ((16, False), (stored, True)):
+        argv = ["--stage", "c", "--out", str(run_folder), *FAST, "--sample-every", "1000", "--text-length", str(length)]
+        args, model_cfg, cfg = train.parse_args(argv)
+        task = train.TaskC(args, model_cfg, cfg, torch.device("cpu"), run_folder,
+                           train.Batches(args.data, 0, cfg, 0, 1))
+        assert task.text.max_length == length and task.text_b.max_length == stored
+        assert (task.text_b is task.text) == shared
+
+
 def test_stage_c_without_grids_keeps_only_what_its_loss_needs(tmp_path, run_folder):
     """--sample-every 0: no grids, and Stage A, the decoder and Stage B's text encoder are not kept."""
-    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST, "--sample-every", "0"]
+    argv = ["--stage", "c", "--out", str(run_folder), "--steps", "1", *FAST]
     args, model_cfg, cfg = train.parse_args(argv)
     task = train.TaskC(args, model_cfg, cfg, torch.device("cpu"), run_folder, train.Batches(args.data, 0, cfg, 0, 1))
     stage_b_model = load_stage("b", SHAPES / "stage_b.safetensors")
@@ -208,7 +226,8 @@ def test_stage_c_without_grids_keeps_only_what_its_loss_needs(tmp_path, run_fold
     with_grids.mkdir()
     for s in "ab":
         (with_grids / f"stage_{s}.safetensors").write_bytes((run_folder / f"stage_{s}.safetensors").read_bytes())
-    train.main(argv[:3] + [str(with_grids)] + argv[4:-2])
+    train.main(argv[:3] + [str(with_grids)] + argv[4:] + ["--sample-every", "1000"])
+    assert list(with_grids.glob("stage_c_*.png")), "the run meant to draw grids drew none"
     a, b = (torch.load(f / "stage_c.pt", weights_only=True)["model"] for f in (run_folder, with_grids))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
