@@ -37,8 +37,8 @@ SHAPES = ROOT / "weights" / "shapes"
 # The released prior's architecture, small: MiniLM's 384-wide tokens, so that the shapes' text encoder drives it.
 STAND_IN = stage_c.StageCConfig(c=64, c_cond=384, c_r=32, depth=2, nhead=4, dropout=0.0, semantic_shift=0.0,
                                 semantic_scale=1.0)
-# No sample grids (--sample-every 0): decoding one at the end of each run cost more than the run; the tests that
-# check the grids ask for them.
+# No sample grids (--sample-every 0): a grid at the end of each run decodes images that no test here reads; the
+# tests of the grids ask for them.
 FAST = ["--batch-size", "4", "--log-every", "1", "--save-every", "2", "--sample-every", "0", "--ema-start", "1",
         "--warmup", "1", "--lr-decay", "0", "--no-progress", "--text-length", "16", "--lr", "1e-3"]
 TOL = 1e-5
@@ -201,7 +201,8 @@ def test_stage_c_grids_give_stage_b_its_own_caption_length(run_folder):
     whatever --text-length Stage C reads; at the same length the two share one encoder."""
     stored = load_stage("b", SHAPES / "stage_b.safetensors").text_encoder_spec[1]
     for length, shared in ((16, False), (stored, True)):
-        argv = ["--stage", "c", "--out", str(run_folder), *FAST, "--sample-every", "1000", "--text-length", str(length)]
+        argv = ["--stage", "c", "--out", str(run_folder), *FAST, "--sample-every", "1000",
+                "--text-length", str(length)]
         args, model_cfg, cfg = train.parse_args(argv)
         task = train.TaskC(args, model_cfg, cfg, torch.device("cpu"), run_folder,
                            train.Batches(args.data, 0, cfg, 0, 1))
