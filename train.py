@@ -390,15 +390,15 @@ def load_frozen(stage: str, given, out: Path, device):
     return load_stage(stage, path, device)
 
 
-def load_text_encoder(args, width: int, flag: str, device, spec: str | None = None, length: int | None = None,
-                      for_stage_b: bool = False):
+def load_text_encoder(args, width: int, flag: str, device, spec: str | None = None, length: int | None = None):
     """The caption encoder `spec` (default --text-encoder) at `length` tokens (default --text-length), checked
-    against the `width` the model reads; `for_stage_b`: the one Stage C's grids give Stage B's decoder."""
+    against the `width` the model reads; a mismatch names `flag` (--c-text, --c-cond, or --text-encoder-b for the
+    encoder Stage C's grids give Stage B's decoder)."""
     from text import TextEncoder          # imports transformers (5 s): only stages b and c need it
     spec = spec or args.text_encoder
     encoder = TextEncoder.from_name_or_path(spec, max_length=length or args.text_length).to(device)
     if encoder.width != width:
-        if for_stage_b:
+        if flag == "--text-encoder-b":
             raise SystemExit(f"error: --text-encoder-b {spec} gives {encoder.width}-wide tokens; expected the "
                              f"{width}-wide ones Stage B's decoder reads")
         if args.init:
@@ -533,8 +533,7 @@ class TaskC(Task):
             # from elsewhere store none, and read --text-length.
             length_b = getattr(stage_b_model, "text_encoder_spec", (None, None))[1] or args.text_length
             self.text_b = (self.text if args.text_encoder_b is None and length_b == args.text_length else
-                           load_text_encoder(args, c_text, "--text-encoder-b", device, args.text_encoder_b, length_b,
-                                             for_stage_b=True))
+                           load_text_encoder(args, c_text, "--text-encoder-b", device, args.text_encoder_b, length_b))
             self.frozen += [self.text_b.model] if self.text_b is not self.text else []
         self.model = build_model(stage_c.Prior, cfg, stage_c.PRESETS[args.preset], device)
         self.demo_prompts = list(EMOJI_DEMO_PROMPTS if args.data == "emoji" else DEMO_PROMPTS)
